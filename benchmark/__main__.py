@@ -1,0 +1,163 @@
+"""Command line: ``python -m benchmark list`` and ``python -m benchmark run``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmark.errors import UserError
+
+DESCRIPTION = "Benchmark EOS and its rivals on imbalanced image data; every run is logged to MLflow."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _optional_positive_int(text: str) -> int | None:
+    """MLproject passes every parameter; 'default' (or empty) leaves the method's default."""
+    return None if text in ("", "default", "none", "None") else _positive_int(text)
+
+
+def _optional_float(text: str) -> float | None:
+    if text in ("", "default", "none", "None"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of one benchmark cell (shared by ``run`` and the MLproject entry point)."""
+    p = parser
+    p.add_argument("--method", default="eos", help="method name (see `list`); default eos")
+    p.add_argument("--dataset", default="digits", help="dataset name; default digits")
+    p.add_argument("--loss", default="ce", help="phase-1 loss; default ce")
+    p.add_argument("--backbone", default="resnet32", help="backbone; default resnet32")
+    p.add_argument("--epochs", type=_optional_positive_int, default=None,
+                   help="phase-1 epochs (default: the dataset's)")
+    p.add_argument("--head-epochs", type=_positive_int, default=10,
+                   help="phase-3 epochs of head retraining; default 10")
+    p.add_argument("--batch-size", type=_optional_positive_int, default=None)
+    p.add_argument("--lr", type=float, default=0.1, help="phase-1 learning rate; default 0.1")
+    p.add_argument("--image-size", type=_optional_positive_int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds; one run per seed; default 0")
+    p.add_argument("--subset-seed", type=int, default=0,
+                   help="seed of the long-tailed subset draw (kept apart from training seeds)")
+    p.add_argument("--profile", default=None, help="imbalance profile: exp or step")
+    p.add_argument("--ratio", type=_optional_float, default=None,
+                   help="imbalance ratio n_max / n_min (default: the dataset's)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the training subset held out for validation; default 0.2")
+    p.add_argument("--k-neighbors", type=_optional_positive_int, default=None,
+                   help="K of EOS / SMOTE-family samplers (default: the method's)")
+    p.add_argument("--max-step", type=_optional_float, default=None,
+                   help="EOS: largest fraction of the way toward the enemy (default 1.0)")
+    p.add_argument("--method-param", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="any other method parameter")
+    p.add_argument("--loss-param", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="a loss parameter, e.g. gamma=2")
+    p.add_argument("--data-root", default=None, help="folder holding downloaded data sets")
+    p.add_argument("--download", action="store_true", help="download missing data (online)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--experiment", default="eos-benchmark", help="MLflow experiment name")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train phase 1 even when a finished run already holds it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def configs_from_args(args: argparse.Namespace):
+    from benchmark.config import RunConfig
+
+    method_params = {"k_neighbors": args.k_neighbors, "max_step": args.max_step,
+                     **dict(args.method_param)}
+    for seed in args.seeds:
+        yield RunConfig(
+            dataset=args.dataset, method=args.method, loss=args.loss, backbone=args.backbone,
+            epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
+            lr=args.lr, image_size=args.image_size, profile=args.profile, ratio=args.ratio,
+            subset_seed=args.subset_seed, seed=seed, val_fraction=args.val_fraction,
+            method_params=method_params, loss_params=dict(args.loss_param),
+            data_root=args.data_root, download=args.download, device=args.device,
+            experiment=args.experiment)
+
+
+def summary_line(result: dict) -> str:
+    m = result["metrics"]
+    reused = (f"; phase 1 reused from run {result['phase1_run_id']}"
+              if result["phase1_reused"] else "")
+    return (f"run {result['run_id']} ({result['config'].method}, {result['config'].dataset}, "
+            f"seed {result['config'].seed}): BAC {m['test_bac']:.4f}  GM {m['test_gm']:.4f} "
+            f"(macro {m['test_gm_macro']:.4f})  F1 {m['test_f1_macro']:.4f}  "
+            f"in {m['time_wall_s']:.1f} s{reused}")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from benchmark import tracking
+    from benchmark.pipeline import run_cell
+
+    configs = list(configs_from_args(args))
+    for cfg in configs:  # every mistake is reported before the first run starts
+        cfg.resolved()
+    for cfg in configs:
+        result = run_cell(cfg, reuse_phase1=not args.no_cache, progress=not args.quiet)
+        print(summary_line(result), flush=True)
+    print(f"MLflow: experiment '{args.experiment}' in {tracking.tracking_uri()}; "
+          f"browse with `mlflow ui --backend-store-uri {tracking.tracking_uri()}`")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from benchmark.registry import BACKBONES, DATASETS, LOSSES, METHODS
+
+    for title, registry in (("datasets", DATASETS), ("backbones", BACKBONES),
+                            ("losses", LOSSES), ("methods", METHODS)):
+        print(f"{title}:")
+        entries = registry.describe()
+        width = max(len(name) for name, _ in entries)
+        for name, text in entries:
+            print(f"  {name:<{width}}  {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmark", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list datasets, backbones, losses and methods").set_defaults(
+        handler=command_list)
+    run = sub.add_parser("run", help="run benchmark cells (one per seed) and log them to MLflow")
+    add_run_options(run)
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the run is marked KILLED in MLflow", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The only module that talks to MLflow: runs, their end states, artifacts and the stage cache."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark import __version__
+
+# Tag names the suite writes and reads.
+TAG_PHASE1_KEY = "phase1_key"
+TAG_PHASE1_COMPLETE = "phase1_complete"  # set, after its artifacts, on the run that trained
+TAG_PHASE1_RUN = "phase1_run_id"  # the run whose phase 1 this run used (itself if it trained)
+TAG_FAILURE = "failure_reason"
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the working tree, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def tracking_uri() -> str:
+    return _mlflow().get_tracking_uri()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so the run ends KILLED instead of hanging RUNNING."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+class TrackedRun:
+    """One MLflow run as a context manager.
+
+    It ends FINISHED only when the block completes; an exception ends it FAILED and an
+    interrupt (Ctrl-C, SIGTERM) KILLED, with the reason in the ``failure_reason`` tag.
+    """
+
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 nested: bool = False):
+        self.experiment, self.run_name, self.nested = experiment, run_name, nested
+        self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
+                     **(tags or {})}
+        self.run_id: str | None = None
+
+    def __enter__(self) -> "TrackedRun":
+        mlflow = _mlflow()
+        if not self.nested:
+            mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
+        self.run_id = run.info.run_id
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) \
+            if not self.nested and _in_main_thread() else None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        mlflow = _mlflow()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if exc_type is None:
+            mlflow.end_run("FINISHED")
+            return False
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
+        try:
+            mlflow.set_tag(TAG_FAILURE, reason[:5000])
+        finally:
+            mlflow.end_run(status)
+        return False
+
+    # Logging -------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        _mlflow().log_params({k: _param_text(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        _mlflow().set_tags(tags)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        _mlflow().log_artifacts(str(local_dir), artifact_path)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        _mlflow().log_artifact(str(local_path), artifact_path)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        _mlflow().log_figure(figure, artifact_file)
+
+    def log_training_subset(self, indices: np.ndarray, labels: np.ndarray, name: str,
+                            source: dict[str, str]) -> str:
+        """Log the exact training subset (indices into the dataset's training pool and their
+        labels) as an MLflow dataset input; its digest identifies the subset.  Returns it."""
+        mlflow = _mlflow()
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_numpy(np.asarray(indices, dtype=np.int64),
+                                             targets=np.asarray(labels, dtype=np.int64),
+                                             name=name, source=CodeDatasetSource(source))
+            mlflow.log_input(dataset, context="training")
+        return dataset.digest
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+# Stage cache --------------------------------------------------------------------------------
+def find_phase1_run(key: str) -> str | None:
+    """The id of a run, in any experiment of the store, that trained phase 1 for ``key`` and
+    logged all of its artifacts; the most recent one if several did."""
+    mlflow = _mlflow()
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.{TAG_PHASE1_KEY} = '{key}' and tags.{TAG_PHASE1_COMPLETE} = 'true'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def download_artifacts(run_id: str, artifact_path: str) -> Path:
+    """Local copy of a run's artifact folder (in a fresh temporary directory)."""
+    target = tempfile.mkdtemp(prefix="benchmark-")
+    path = _mlflow().artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                   dst_path=target)
+    return Path(path)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    return dict(_mlflow().get_run(run_id).data.metrics)
