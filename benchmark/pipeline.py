@@ -56,7 +56,7 @@ def prepare_data(cfg: RunConfig, source: DatasetSource) -> CellData:
     test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
     labels = pool.labels.numpy()
     available = np.bincount(labels, minlength=pool.num_classes)
-    counts = profile_counts(cfg.profile, int(available.min()), pool.num_classes, cfg.ratio)
+    counts = profile_counts(cfg.profile, available.tolist(), cfg.ratio)
     check_counts(counts, pool.classes)
     subset = draw_per_class(labels, counts, seed=cfg.subset_seed)
     keep, held = stratified_split(labels[subset], cfg.val_fraction, seed=cfg.subset_seed)

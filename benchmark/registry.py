@@ -74,7 +74,13 @@ METHODS = Registry("method")
 # matplotlib) are imported inside the factories that use them, never at registration time.
 PLUGIN_MODULES = (
     "benchmark.data.embedded",
+    "benchmark.data.torchvision_sets",
+    "benchmark.data.celeba",
+    "benchmark.data.folder",
     "benchmark.models.resnet_cifar",
+    "benchmark.models.wideresnet",
+    "benchmark.models.densenet",
+    "benchmark.models.timm_backbone",
     "benchmark.losses",
     "benchmark.methods",
     "baselines",

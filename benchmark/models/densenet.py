@@ -1,0 +1,1 @@
+"""CIFAR DenseNet-BC (depth as a parameter) for the architecture study."""

@@ -1,0 +1,1 @@
+"""Any timm model by name (timm:resnet18 ...), split into extractor and head through timm's API."""

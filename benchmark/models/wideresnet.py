@@ -1,0 +1,1 @@
+"""WideResNet-28 (widen factor as a parameter) for the architecture study."""
