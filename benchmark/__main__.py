@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmark.errors import UserError
+from benchmark.errors import DivergenceError, UserError
 
 DESCRIPTION = "Benchmark EOS and its rivals on imbalanced image data; every run is logged to MLflow."
 
@@ -33,6 +33,18 @@ def _optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+def _seeds(text: str) -> list[int]:
+    """One or more integer seeds, separated by commas or spaces ("0,1,2" or "0 1 2")."""
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integer seeds, got '{text}'") from None
+
+
+def _optional_text(text: str) -> str | None:
+    return None if text in ("", "default", "none", "None") else text
+
+
 def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
@@ -56,11 +68,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_optional_positive_int, default=None)
     p.add_argument("--lr", type=float, default=0.1, help="phase-1 learning rate; default 0.1")
     p.add_argument("--image-size", type=_optional_positive_int, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="training seeds; one run per seed; default 0")
+    p.add_argument("--seeds", type=_seeds, nargs="+", default=[[0]],
+                   help="training seeds (e.g. 0 1 2 or 0,1,2); one run per seed; default 0")
     p.add_argument("--subset-seed", type=int, default=0,
                    help="seed of the long-tailed subset draw (kept apart from training seeds)")
-    p.add_argument("--profile", default=None, help="imbalance profile: exp or step")
+    p.add_argument("--profile", type=_optional_text, default=None,
+                   help="imbalance profile: exp, step or natural (default: the dataset's)")
     p.add_argument("--ratio", type=_optional_float, default=None,
                    help="imbalance ratio n_max / n_min (default: the dataset's)")
     p.add_argument("--val-fraction", type=float, default=0.2,
@@ -73,7 +86,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", help="any other method parameter")
     p.add_argument("--loss-param", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="a loss parameter, e.g. gamma=2")
-    p.add_argument("--data-root", default=None, help="folder holding downloaded data sets")
+    p.add_argument("--backbone-param", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="a backbone parameter, e.g. widen_factor=4")
+    p.add_argument("--data-root", type=_optional_text, default=None,
+                   help="folder holding downloaded data sets (default ./data or "
+                        "$BENCHMARK_DATA_ROOT)")
     p.add_argument("--download", action="store_true", help="download missing data (online)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--experiment", default="eos-benchmark", help="MLflow experiment name")
@@ -87,13 +104,14 @@ def configs_from_args(args: argparse.Namespace):
 
     method_params = {"k_neighbors": args.k_neighbors, "max_step": args.max_step,
                      **dict(args.method_param)}
-    for seed in args.seeds:
+    for seed in [s for group in args.seeds for s in group]:
         yield RunConfig(
             dataset=args.dataset, method=args.method, loss=args.loss, backbone=args.backbone,
             epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
             lr=args.lr, image_size=args.image_size, profile=args.profile, ratio=args.ratio,
             subset_seed=args.subset_seed, seed=seed, val_fraction=args.val_fraction,
             method_params=method_params, loss_params=dict(args.loss_param),
+            backbone_params=dict(args.backbone_param),
             data_root=args.data_root, download=args.download, device=args.device,
             experiment=args.experiment)
 
@@ -118,8 +136,9 @@ def command_run(args: argparse.Namespace) -> int:
     for cfg in configs:
         result = run_cell(cfg, reuse_phase1=not args.no_cache, progress=not args.quiet)
         print(summary_line(result), flush=True)
-    print(f"MLflow: experiment '{args.experiment}' in {tracking.tracking_uri()}; "
-          f"browse with `mlflow ui --backend-store-uri {tracking.tracking_uri()}`")
+    uri = tracking.tracking_uri()
+    print(f"MLflow: experiment '{result['experiment']}' in {uri}; "
+          f"browse with `mlflow ui --backend-store-uri {uri}`")
     return 0
 
 
@@ -154,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:
+        print(f"error: {err}; the run is marked FAILED in MLflow (try a lower --lr)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the run is marked KILLED in MLflow", file=sys.stderr)
         return 130

@@ -39,6 +39,7 @@ class RunConfig:
     val_fraction: float = 0.2
     method_params: dict = field(default_factory=dict)
     loss_params: dict = field(default_factory=dict)
+    backbone_params: dict = field(default_factory=dict)
     data_root: str | None = None
     download: bool = False
     device: str = "auto"
@@ -76,6 +77,8 @@ class RunConfig:
             raise UserError(f"val_fraction must lie strictly between 0 and 1, got {cfg.val_fraction}")
         if cfg.device not in DEVICES:
             raise UserError(f"unknown device '{cfg.device}'; valid devices: {', '.join(DEVICES)}")
+        LOSSES.check_params(cfg.loss, cfg.loss_params)
+        BACKBONES.check_params(cfg.backbone, cfg.backbone_params)
         accepted = METHODS.create(cfg.method).accepted_params()
         unknown = sorted(set(cfg.method_params) - accepted)
         if unknown:
@@ -98,7 +101,8 @@ class RunConfig:
         return {
             "dataset": self.dataset, "image_size": self.image_size, "profile": self.profile,
             "ratio": self.ratio, "subset_seed": self.subset_seed,
-            "val_fraction": self.val_fraction, "backbone": self.backbone, "loss": self.loss,
+            "val_fraction": self.val_fraction, "backbone": self.backbone,
+            "backbone_params": self.backbone_params, "loss": self.loss,
             "loss_params": self.loss_params, "method_phase1": method_identity,
             "schedule": dataclasses.asdict(self.schedule), "seed": self.seed,
             "code": f"{__version__}/{PHASE1_CODE_VERSION}",
@@ -110,8 +114,7 @@ class RunConfig:
 
     def as_params(self) -> dict:
         params = dataclasses.asdict(self)
-        params.pop("method_params")
-        params.pop("loss_params")
-        params.update({f"method.{k}": v for k, v in self.method_params.items()})
-        params.update({f"loss.{k}": v for k, v in self.loss_params.items()})
+        for group in ("method", "loss", "backbone"):
+            params.pop(f"{group}_params")
+            params.update({f"{group}.{k}": v for k, v in getattr(self, f"{group}_params").items()})
         return params

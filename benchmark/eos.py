@@ -33,7 +33,10 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from scipy import sparse
 from imblearn.over_sampling.base import BaseOverSampler
+from imblearn.utils import check_target_type
+from sklearn_compat.utils.validation import validate_data
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -93,9 +96,19 @@ class EOS(BaseOverSampler):
         self.neighbour_rule = neighbour_rule
         self.n_jobs = n_jobs
 
+    def _check_X_y(self, X, y):
+        y, binarize_y = check_target_type(y, indicate_one_vs_all=True)
+        X, y = validate_data(self, X=X, y=y, reset=True, accept_sparse=["csr", "csc"],
+                             dtype=[np.float64, np.float32])
+        return X, y, binarize_y
+
     def _fit_resample(self, X, y):
+        if sparse.issparse(X):
+            # Sparse input is densified for the neighbour search and returned in its format;
+            # embeddings are dense, so this path exists for pipeline compatibility only.
+            X_res, y_res = self._fit_resample(X.toarray(), y)
+            return sparse.csr_matrix(X_res).asformat(X.format), y_res
         rng = check_random_state(self.random_state)
-        X = np.asarray(X)
         y = np.asarray(y)
         n = len(X)
         k = min(self.k_neighbors, n - 1)

@@ -8,9 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.errors import UserError
 from benchmark.models import linear_head
 from benchmark.registry import LOSSES
 from benchmark.train import Schedule
+
+# How a loss weights its classes over training: "none" (uniform), "cb" (class-balanced from
+# the first epoch) or "drw" (deferred re-weighting: uniform, class-balanced from the first
+# learning-rate decay on).
+WEIGHTINGS = ("none", "cb", "drw")
+
+
+def class_balanced_weights(class_counts: Sequence[int], beta: float = 0.9999) -> torch.Tensor:
+    """Cui et al.'s weights ``(1 - beta) / (1 - beta ** n_c)``, normalised to sum to C."""
+    # A class with no training image is weighted like one with a single image, not infinitely.
+    counts = torch.tensor(class_counts, dtype=torch.float64).clamp_min(1)
+    weights = (1 - beta) / (1 - beta**counts)
+    return (weights * len(counts) / weights.sum()).float()
 
 
 class Loss(nn.Module):
@@ -21,18 +35,57 @@ class Loss(nn.Module):
     deferred re-weighting knows when the first decay comes).  ``on_epoch(epoch)`` runs at the
     start of every epoch; ``make_head(embedding_dim, num_classes)`` builds the classifier head
     this loss expects; ``params`` is what gets logged.
+
+    A subclass computes ``per_sample(logits, targets)`` on float32 logits (bf16 autocast
+    output is cast here); the batch loss is their mean, weighted by ``class_weights[target]``
+    when the ``weighting`` gives weights, and then divided by the batch's summed weights (as
+    ``F.cross_entropy(weight=...)`` does) so that re-weighting moves the balance between classes,
+    not the loss scale.
     """
 
     make_head = staticmethod(linear_head)
 
-    def __init__(self, class_counts: Sequence[int], schedule: Schedule | None = None):
+    def __init__(self, class_counts: Sequence[int], schedule: Schedule | None = None, *,
+                 weighting: str = "none", beta: float = 0.9999):
         super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise UserError(f"unknown weighting '{weighting}'; "
+                            f"valid weightings: {', '.join(WEIGHTINGS)}")
+        if weighting != "none" and not 0 <= beta < 1:
+            raise UserError(f"class-balanced beta must lie in [0, 1), got {beta}")
+        if weighting == "drw" and schedule is None:
+            raise ValueError("deferred re-weighting needs the schedule to know its first decay")
         self.class_counts = list(class_counts)
         self.schedule = schedule
-        self.params: dict = {}
+        self.weighting = weighting
+        self.params: dict = {"weighting": weighting}
+        if weighting != "none":
+            self.params["beta"] = beta
+        self.register_buffer("balanced_weights", class_balanced_weights(class_counts, beta),
+                             persistent=False)
+        self.reweighting = weighting == "cb"
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """The per-class weights in force now; ``None`` means uniform."""
+        return self.balanced_weights if self.reweighting else None
 
     def on_epoch(self, epoch: int) -> None:
-        pass
+        if self.weighting == "drw":
+            self.reweighting = epoch >= self.schedule.decay_epochs[0]
+
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.balanced_weights.device != logits.device:
+            # Nothing else moves a loss to the device: its buffers follow the logits, once.
+            self.to(logits.device)
+        losses = self.per_sample(logits.float(), targets)
+        if not self.reweighting:
+            return losses.mean()
+        sample_weights = self.balanced_weights[targets]
+        return (sample_weights * losses).sum() / sample_weights.sum()
 
     def head_loss(self) -> nn.Module:
         """The loss for retraining the head in phase 3: plain cross-entropy, as the EOS
@@ -44,5 +97,5 @@ class Loss(nn.Module):
 class CrossEntropy(Loss):
     """Cross-entropy, unweighted."""
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, reduction="none")

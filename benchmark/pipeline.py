@@ -105,7 +105,7 @@ def train_phase1(cfg: RunConfig, data: CellData, loss: Loss, device: torch.devic
     generator = torch.Generator().manual_seed(cfg.seed)
     cuda = device.type == "cuda"
     extractor = BACKBONES.create(cfg.backbone, in_channels=data.train.images.shape[1],
-                                 image_size=cfg.image_size)
+                                 image_size=cfg.image_size, **cfg.backbone_params)
     model = Classifier(extractor, loss.make_head(extractor.embedding_dim, data.train.num_classes))
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     normalize = Normalize(data.mean, data.std, device, channels_last=cuda)
@@ -326,4 +326,4 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
             "phase1_reused": source_run is not None, "metrics": metrics,
-            "experiment": cfg.experiment, "config": cfg}
+            "experiment": run.experiment, "config": cfg}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Any, Callable, Iterator
 
 from benchmark.errors import UserError
@@ -49,6 +50,20 @@ class Registry:
 
     def create(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
+
+    def check_params(self, name: str, params: dict[str, Any]) -> None:
+        """Fail with one line, before anything runs, if ``name`` takes no such keywords."""
+        try:
+            signature = inspect.signature(self.get(name))
+        except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+            return
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return
+        unknown = sorted(set(params) - set(signature.parameters))
+        if unknown:
+            valid = [p for p in signature.parameters if p not in ("self",)]
+            raise UserError(f"{self.kind} '{name}' takes no parameter {', '.join(unknown)}; "
+                            f"it takes {', '.join(valid) or 'none'}")
 
     def names(self) -> list[str]:
         load_plugins()

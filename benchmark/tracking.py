@@ -57,21 +57,32 @@ class TrackedRun:
     interrupt (Ctrl-C, SIGTERM) KILLED, with the reason in the ``failure_reason`` tag.
     """
 
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 nested: bool = False):
-        self.experiment, self.run_name, self.nested = experiment, run_name, nested
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+        self.experiment, self.run_name = experiment, run_name
         self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
                      **(tags or {})}
         self.run_id: str | None = None
 
     def __enter__(self) -> "TrackedRun":
         mlflow = _mlflow()
-        if not self.nested:
-            mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
+        # `mlflow run` creates a run for its command and passes its id in MLFLOW_RUN_ID; it
+        # becomes the parent of the runs this process makes (with the resolved parameters),
+        # and so does any run already active here (a study's parent run).
+        launcher_run = os.environ.pop("MLFLOW_RUN_ID", None)
+        if launcher_run and mlflow.active_run() is None:
+            mlflow.start_run(run_id=launcher_run)
+        parent = mlflow.active_run()
+        if parent is not None:
+            run = mlflow.start_run(experiment_id=parent.info.experiment_id,
+                                   run_name=self.run_name, tags=self.tags, nested=True)
+        else:
+            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
+                                   tags=self.tags)
         self.run_id = run.info.run_id
+        self.experiment = mlflow.get_experiment(run.info.experiment_id).name
         self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) \
-            if not self.nested and _in_main_thread() else None
+            if _in_main_thread() else None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -158,3 +169,25 @@ def download_artifacts(run_id: str, artifact_path: str) -> Path:
 
 def run_metrics(run_id: str) -> dict[str, float]:
     return dict(_mlflow().get_run(run_id).data.metrics)
+
+
+# Reading runs back ----------------------------------------------------------------------------
+def experiment_names() -> list[str]:
+    """Names of the store's active (not deleted) experiments."""
+    return sorted(e.name for e in _mlflow().search_experiments())
+
+
+def finished_runs(experiment_names: list[str]):
+    """Every FINISHED run of the named experiments as MLflow's search DataFrame (``run_id``,
+    ``start_time``, ``params.*``, ``metrics.*``, ``tags.*``) plus the experiment's name in an
+    ``experiment`` column.  Names the store does not hold are skipped."""
+    mlflow = _mlflow()
+    found = [mlflow.get_experiment_by_name(name) for name in experiment_names]
+    names = {e.experiment_id: e.name for e in found if e is not None}
+    if not names:
+        import pandas as pd
+
+        return pd.DataFrame(columns=["run_id", "experiment_id", "experiment", "start_time"])
+    runs = mlflow.search_runs(experiment_ids=list(names),
+                              filter_string="attributes.status = 'FINISHED'")
+    return runs.assign(experiment=runs["experiment_id"].map(names))

@@ -1,0 +1,144 @@
+"""EOS: geometry of every synthetic point, balance, determinism, fallback and the reference rule."""
+import numpy as np
+import pytest
+from imblearn.pipeline import make_pipeline
+from imblearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.linear_model import LogisticRegression
+
+from benchmark.eos import EOS
+
+
+def brute_force_neighbours(X, k):
+    """Each point's k nearest other points, by exhaustive distance computation."""
+    d = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    X = np.vstack([rng.normal(0, 1, (60, 4)), rng.normal(1.5, 1, (15, 4)),
+                   rng.normal(-1.5, 1, (6, 4))])
+    y = np.repeat([0, 1, 2], [60, 15, 6])
+    return X, y
+
+
+def on_enemy_segment(point, cls, X, y, neighbours, tol=1e-9):
+    """Is ``point`` on a segment from a class-``cls`` base to an enemy among its neighbours?"""
+    for base in np.flatnonzero(y == cls):
+        for partner in neighbours[base]:
+            if y[partner] == cls:
+                continue
+            direction = X[partner] - X[base]
+            r = np.dot(point - X[base], direction) / np.dot(direction, direction)
+            if -tol <= r <= 1 + tol and np.allclose(X[base] + r * direction, point, atol=1e-7):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_every_synthetic_point_lies_toward_a_nearest_enemy(k):
+    X, y = blobs()
+    X_res, y_res = EOS(k_neighbors=k, random_state=0).fit_resample(X, y)
+    neighbours = brute_force_neighbours(X, k)
+    synthetic, labels = X_res[len(X):], y_res[len(X):]
+    assert len(synthetic) == (60 - 15) + (60 - 6)
+    for point, cls in zip(synthetic, labels):
+        assert on_enemy_segment(point, cls, X, y, neighbours)
+
+
+def test_recorded_bases_partners_and_steps_explain_the_output():
+    X, y = blobs()
+    sampler = EOS(k_neighbors=5, max_step=0.3, random_state=3)
+    X_res, y_res = sampler.fit_resample(X, y)
+    neighbours = brute_force_neighbours(X, 5)
+    base, partner, step = sampler.base_indices_, sampler.partner_indices_, sampler.steps_
+    assert np.allclose(X_res[len(X):], X[base] + step[:, None] * (X[partner] - X[base]))
+    assert np.all(y[partner] != y[base]) and np.array_equal(y_res[len(X):], y[base])
+    assert all(p in neighbours[b] for b, p in zip(base, partner))
+    assert step.min() >= 0 and step.max() <= 0.3
+    assert np.array_equal(X_res[:len(X)], X)
+
+
+def test_classes_are_balanced_after_resampling():
+    X, y = blobs()
+    _, y_res = EOS(random_state=0).fit_resample(X, y)
+    assert np.bincount(y_res).tolist() == [60, 60, 60]
+
+
+def test_same_seed_same_output_other_seed_other_output():
+    X, y = blobs()
+    a = EOS(random_state=7).fit_resample(X, y)[0]
+    b = EOS(random_state=7).fit_resample(X, y)[0]
+    c = EOS(random_state=8).fit_resample(X, y)[0]
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_isolated_class_falls_back_to_its_nearest_enemies():
+    rng = np.random.default_rng(1)
+    # Class 1 sits far from everything: no member has an enemy among its 3 neighbours.
+    X = np.vstack([rng.normal(0, 1, (30, 2)), rng.normal(40, 0.1, (5, 2))])
+    y = np.repeat([0, 1], [30, 5])
+    sampler = EOS(k_neighbors=3, random_state=0)
+    X_res, y_res = sampler.fit_resample(X, y)
+    assert sampler.fallback_classes_ == [1]
+    assert np.bincount(y_res).tolist() == [30, 30]
+    # Partners are among each base's 3 nearest class-0 points.
+    enemies = np.flatnonzero(y == 0)
+    for b, p in zip(sampler.base_indices_, sampler.partner_indices_):
+        d = ((X[enemies] - X[b]) ** 2).sum(1)
+        assert p in enemies[np.argsort(d)[:3]]
+
+
+def test_k_larger_than_a_class_and_than_the_data():
+    X, y = blobs()
+    for k in (10, 500):  # class 2 has 6 points; the data 81
+        X_res, y_res = EOS(k_neighbors=k, random_state=0).fit_resample(X, y)
+        assert np.bincount(y_res).tolist() == [60, 60, 60]
+        assert np.isfinite(X_res).all()
+
+
+def test_duplicate_points_never_pair_a_base_with_itself():
+    X = np.array([[0.0, 0.0]] * 4 + [[1.0, 1.0]] * 2 + [[0.5, 0.5]])
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    sampler = EOS(k_neighbors=2, random_state=0)
+    sampler.fit_resample(X, y)
+    assert np.all(sampler.base_indices_ != sampler.partner_indices_)
+
+
+def test_reference_rule_reads_one_rank_nearer_than_the_enemy():
+    X, y = blobs()
+    k = 5
+    sampler = EOS(k_neighbors=k, neighbour_rule="reference-off-by-one", random_state=0)
+    X_res, _ = sampler.fit_resample(X, y)
+    neighbours = brute_force_neighbours(X, k)
+    self_partners = 0
+    for b, p in zip(sampler.base_indices_, sampler.partner_indices_):
+        ranked = [b, *neighbours[b]]  # the reference's list, the base itself at rank 0
+        j = ranked.index(p)
+        assert j < k and y[ranked[j + 1]] != y[b]  # the enemy sits one rank further
+        self_partners += p == b
+    # The defect shows: some new points are copies of their base, and some partners are
+    # not enemies at all.
+    assert self_partners > 0
+    assert np.any(y[sampler.partner_indices_] == y[sampler.base_indices_])
+
+
+def test_works_inside_an_imbalanced_learn_pipeline():
+    X, y = blobs()
+    model = make_pipeline(EOS(random_state=0), LogisticRegression(max_iter=500)).fit(X, y)
+    assert model.predict(X).shape == y.shape
+
+
+def test_rejects_bad_parameters():
+    X, y = blobs()
+    for bad in ({"k_neighbors": 0}, {"max_step": 0.0}, {"max_step": 1.5},
+                {"neighbour_rule": "nearest"}):
+        with pytest.raises(ValueError):
+            EOS(**bad).fit_resample(X, y)
+
+
+@parametrize_with_checks([EOS(random_state=0)])
+def test_imbalanced_learn_estimator_checks(estimator, check):
+    check(estimator)
