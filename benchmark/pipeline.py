@@ -1,18 +1,22 @@
 """The stages of one benchmark cell: data, phase 1 (cached), embeddings, phase 3, evaluation."""
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from benchmark import tracking
 from benchmark.config import RunConfig
-from benchmark.data import DatasetSource, ImageSet
+from benchmark.data import ImageSet
 from benchmark.data.profiles import check_counts, draw_per_class, fingerprint, profile_counts, stratified_split
 from benchmark.errors import UserError
 from benchmark.losses import Loss
@@ -50,8 +54,14 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def prepare_data(cfg: RunConfig, source: DatasetSource) -> CellData:
-    pool, test = source.load()
+@functools.lru_cache(maxsize=2)
+def load_dataset(name: str, root: str | None, download: bool) -> tuple[ImageSet, ImageSet]:
+    """A registered dataset's (training pool, test set), loaded once per process."""
+    return DATASETS.create(name, root=root, download=download).load()
+
+
+def prepare_data(cfg: RunConfig) -> CellData:
+    pool, test = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     pool = ImageSet(resize(pool.images, cfg.image_size), pool.labels, pool.classes)
     test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
     labels = pool.labels.numpy()
@@ -150,21 +160,44 @@ def train_phase1(cfg: RunConfig, data: CellData, loss: Loss, device: torch.devic
     run.log_metrics({"phase1_best_epoch": result.best_epoch,
                      "phase1_best_val_bac": result.best_score})
     run.set_tags({tracking.TAG_PHASE1_COMPLETE: "true", tracking.TAG_PHASE1_RUN: run.run_id})
-    return Phase1(embeddings, state, summary, run.run_id)
+    phase1 = Phase1(embeddings, state, summary, run.run_id)
+    remember_phase1(phase1)
+    return phase1
+
+
+# Phase-1 results this process already holds, by the run that trained them: a grid or a study
+# runs many cells on one phase 1 and should not download it again for each.
+_PHASE1_MEMO: OrderedDict[str, Phase1] = OrderedDict()
+PHASE1_MEMO_SIZE = 4
+
+
+def remember_phase1(phase1: Phase1) -> None:
+    _PHASE1_MEMO[phase1.run_id] = phase1
+    _PHASE1_MEMO.move_to_end(phase1.run_id)
+    while len(_PHASE1_MEMO) > PHASE1_MEMO_SIZE:
+        _PHASE1_MEMO.popitem(last=False)
 
 
 def load_phase1(run_id: str, run: tracking.TrackedRun) -> Phase1:
+    """The phase-1 artifacts of ``run_id`` (from memory when this process has them)."""
+    run.set_tags({tracking.TAG_PHASE1_RUN: run_id})
+    if run_id in _PHASE1_MEMO:
+        _PHASE1_MEMO.move_to_end(run_id)
+        return _PHASE1_MEMO[run_id]
     folder = tracking.download_artifacts(run_id, "phase1")
     with np.load(folder / "embeddings.npz") as npz:
         embeddings = {k: npz[k] for k in npz.files}
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     summary = json.loads((folder / "summary.json").read_text())
-    run.set_tags({tracking.TAG_PHASE1_RUN: run_id})
-    return Phase1(embeddings, state, summary, run_id)
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    phase1 = Phase1(embeddings, state, summary, run_id)
+    remember_phase1(phase1)
+    return phase1
 
 
 def retrain_head(cfg: RunConfig, phase1: Phase1, loss: Loss, resampler, num_classes: int,
-                 device: torch.device, run: tracking.TrackedRun, progress: bool):
+                 device: torch.device, run: tracking.TrackedRun, progress: bool,
+                 on_epoch: Callable[[int, float], None] | None = None):
     """Phase 3: resample the training embeddings, retrain the head from its phase-1 weights
     (selected on validation BAC).  Returns the head, the embeddings it was trained on and
     the timings."""
@@ -191,11 +224,14 @@ def retrain_head(cfg: RunConfig, phase1: Phase1, loss: Loss, resampler, num_clas
     def log_epoch(epoch: int, record: dict) -> None:
         run.log_metrics({"phase3_train_loss": record["train_loss"],
                          "phase3_val_bac": record["val_bac"]}, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, record["val_bac"])
 
     start = time.perf_counter()
     result = fit(head, batches, loss.head_loss(), cfg.head_schedule, validate, on_epoch=log_epoch,
                  progress="phase 3" if progress else None)
-    timings = {"time_resample_s": time_resample, "time_phase3_s": time.perf_counter() - start}
+    timings = {"time_resample_s": time_resample, "time_phase3_s": time.perf_counter() - start,
+               "best_val_bac": result.best_score}
     run.log_metrics({"phase3_best_epoch": result.best_epoch,
                      "phase3_best_val_bac": result.best_score})
     return head, train_x, train_y, timings
@@ -272,16 +308,20 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 
 def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True,
-             tags: dict[str, str] | None = None) -> dict:
+             tags: dict[str, str] | None = None, evaluate_test: bool = True,
+             on_head_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Run one cell end to end and log it; returns its metrics, run id and provenance.
 
     Everything a user can get wrong (names, numbers, missing data, an empty class) is checked
-    before the MLflow run starts, so a mistake leaves no run behind.
+    before the MLflow run starts, so a mistake leaves no run behind.  ``evaluate_test=False``
+    (tuning trials) stops at the validation score and never touches the test set;
+    ``on_head_epoch(epoch, val_bac)`` sees every phase-3 epoch and may raise to stop the run
+    (a pruned trial), which then ends KILLED.
     """
     started = time.perf_counter()
     cfg = cfg.resolved()
     method = METHODS.create(cfg.method, **cfg.method_params)
-    data = prepare_data(cfg, DATASETS.create(cfg.dataset, root=cfg.data_root, download=cfg.download))
+    data = prepare_data(cfg)
     device = pick_device(cfg.device)
     loss = LOSSES.create(cfg.loss, class_counts=data.class_counts, schedule=cfg.schedule,
                          **cfg.loss_params)
@@ -305,24 +345,28 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
                         "train_class_counts": data.class_counts,
                         "subset_fingerprint": fingerprint(data.train_indices),
                         "subset_digest": digest, "phase1_key": key})
+        start = time.perf_counter()
         if source_run is None:
             phase1 = train_phase1(cfg, data, loss, device, run, progress)
-            time_load = 0.0
         else:
-            start = time.perf_counter()
             phase1 = load_phase1(source_run, run)
-            time_load = time.perf_counter() - start
+        time_load = 0.0 if source_run is None else time.perf_counter() - start
         head, train_x, train_y, timings = retrain_head(
-            cfg, phase1, loss, resampler, data.train.num_classes, device, run, progress)
-        metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
-                                              data.train.classes, device)
-        log_outputs(run, phase1, head, cm, gap_per_class, data, train_y, train_x, metrics)
-        metrics.update({"time_phase1_s": phase1.summary["time_phase1_s"],
-                        "time_phase2_s": phase1.summary["time_phase2_s"],
-                        "time_resample_s": timings.get("time_resample_s", 0.0),
-                        "time_phase3_s": timings.get("time_phase3_s", 0.0),
-                        "time_phase1_load_s": time_load,
-                        "time_wall_s": time.perf_counter() - started})
+            cfg, phase1, loss, resampler, data.train.num_classes, device, run, progress,
+            on_head_epoch)
+        metrics = {"val_bac": timings.pop("best_val_bac", phase1.summary["best_val_bac"]),
+                   "time_phase1_s": phase1.summary["time_phase1_s"],
+                   "time_phase2_s": phase1.summary["time_phase2_s"],
+                   "time_resample_s": timings.get("time_resample_s", 0.0),
+                   "time_phase3_s": timings.get("time_phase3_s", 0.0),
+                   "time_phase1_load_s": time_load}
+        if evaluate_test:
+            test_metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
+                                                       data.train.classes, device)
+            metrics.update(test_metrics)
+            log_outputs(run, phase1, head, cm, gap_per_class, data, train_y, train_x,
+                        test_metrics)
+        metrics["time_wall_s"] = time.perf_counter() - started
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
             "phase1_reused": source_run is not None, "metrics": metrics,

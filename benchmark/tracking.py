@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ TAG_PHASE1_KEY = "phase1_key"
 TAG_PHASE1_COMPLETE = "phase1_complete"  # set, after its artifacts, on the run that trained
 TAG_PHASE1_RUN = "phase1_run_id"  # the run whose phase 1 this run used (itself if it trained)
 TAG_FAILURE = "failure_reason"
+
+FLUSH_SECONDS = 2.0
 
 
 def _mlflow():
@@ -62,6 +65,8 @@ class TrackedRun:
         self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
                      **(tags or {})}
         self.run_id: str | None = None
+        self._pending: list = []
+        self._last_flush = time.monotonic()
 
     def __enter__(self) -> "TrackedRun":
         mlflow = _mlflow()
@@ -89,6 +94,11 @@ class TrackedRun:
         mlflow = _mlflow()
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+        try:
+            self.flush()  # the curves up to a failure are worth keeping too
+        except Exception:  # noqa: BLE001  (the run's own outcome matters more)
+            if exc_type is None:
+                raise
         if exc_type is None:
             mlflow.end_run("FINISHED")
             return False
@@ -105,7 +115,22 @@ class TrackedRun:
         _mlflow().log_params({k: _param_text(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        """Per-epoch metrics (with ``step``) are buffered and written in batches, at most
+        ``FLUSH_SECONDS`` apart, so short epochs do not wait on the store; the rest at once."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        if step is None or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            client = _mlflow().MlflowClient()
+            for start in range(0, len(self._pending), 1000):  # MLflow's batch limit
+                client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+            self._pending = []
+        self._last_flush = time.monotonic()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         _mlflow().set_tags(tags)

@@ -17,7 +17,7 @@ SCORE_METRICS = {"BAC": "test_bac", "GM": "test_gm_macro", "FM": "test_f1_macro"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One store for the module: none and eos on digits, seeds 0 and 1, plus eos with K=3 on
-    seed 0 (phase 1 is trained once per seed and reused)."""
+    seed 0 under a study's parent run (phase 1 is trained once per seed and reused)."""
     import mlflow
 
     from benchmark.config import RunConfig
@@ -29,11 +29,18 @@ def store(tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)  # the default artifact root is relative to the working dir
         mlflow.set_tracking_uri(uri)
-        for method, seed, params in (("none", 0, {}), ("eos", 0, {}), ("none", 1, {}),
-                                     ("eos", 1, {}), ("eos", 0, {"k_neighbors": 3})):
+        def run(method: str, seed: int, **method_params) -> None:
             run_cell(RunConfig(dataset="digits", method=method, seed=seed, epochs=1,
-                               head_epochs=1, method_params=params, experiment=EXPERIMENT),
-                     progress=False)
+                               head_epochs=1, method_params=method_params,
+                               experiment=EXPERIMENT), progress=False)
+
+        for seed in (0, 1):
+            run("none", seed)
+            run("eos", seed)
+        experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        with mlflow.start_run(experiment_id=experiment_id, run_name="study"):  # not a cell
+            mlflow.log_params({"method": "eos", "dataset": "digits"})
+            run("eos", 0, k_neighbors=3)
         mlflow.create_experiment("empty")
         yield uri
         mlflow.set_tracking_uri("")
@@ -41,13 +48,27 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct_runs(store):
-    """The same runs straight from mlflow.search_runs, labelled by method column."""
+    """The cells straight from mlflow.search_runs, labelled by method column."""
     import mlflow
 
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    runs = runs[runs["metrics.test_bac"].notna()].copy()
     k = runs["params.method.k_neighbors"]
     runs["label"] = runs["params.method"].where(k.isna(), runs["params.method"] + " (K=" + k + ")")
     return runs
+
+
+@pytest.fixture(scope="module")
+def built(store):
+    return report.Report.build(report.gather_runs([EXPERIMENT]), [EXPERIMENT], "macro")
+
+
+@pytest.fixture(scope="module")
+def loss_label(built):
+    """The loss is ce, labelled with whatever parameters it logs."""
+    (label,) = set(built.runs["loss_label"])
+    assert label.startswith("ce")
+    return label
 
 
 def expected_best(direct_runs, metric: str) -> str:
@@ -55,26 +76,27 @@ def expected_best(direct_runs, metric: str) -> str:
     return f"{means.max():.4f}"
 
 
-def test_aggregates_match_mlflow(store, direct_runs):
-    built = report.Report.build(report.gather_runs([EXPERIMENT]), [EXPERIMENT], "macro")
+def test_aggregates_match_mlflow(built, loss_label, direct_runs):
+    assert len(direct_runs) == 5 and len(built.runs) == 5  # the study's parent run is no cell
     cells = built.scores.droplevel(list(report.SETTING_KEYS) + ["loss", "method"])
-    assert set(cells.index) == {("ce", "none"), ("ce", "eos"), ("ce", "eos (K=3)")}
+    assert set(cells.index) == {(loss_label, m) for m in ("none", "eos", "eos (K=3)")}
     for label, runs in direct_runs.groupby("label"):
-        assert cells.at[("ce", label), ("runs", "n")] == len(runs)
+        cell = cells.loc[(loss_label, label)]
+        assert cell[("runs", "n")] == len(runs)
         for metric in SCORE_METRICS.values():
             values = runs[f"metrics.{metric}"]
-            assert cells.at[("ce", label), (metric, "mean")] == pytest.approx(values.mean())
+            assert cell[(metric, "mean")] == pytest.approx(values.mean())
             if len(runs) > 1:
-                assert cells.at[("ce", label), (metric, "std")] == pytest.approx(values.std(ddof=1))
+                assert cell[(metric, "std")] == pytest.approx(values.std(ddof=1))
             else:  # the K=3 variant ran once and must not be averaged into eos
-                assert math.isnan(cells.at[("ce", label), (metric, "std")])
+                assert math.isnan(cell[(metric, "std")])
 
 
 def test_latex_tables(store, direct_runs, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path)]) == 0
     scores = (tmp_path / "scores-digits-resnet32-exp-r10.tex").read_text()
     for text in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule", "report\\_tests",
-                 "{none}", "{eos}", "{eos (K=3)}", "\nce & ", "test\\_gm\\_macro"):
+                 "{none}", "{eos}", "{eos (K=3)}", "\nce", "test\\_gm\\_macro"):
         assert text in scores
     for metric in SCORE_METRICS.values():
         assert rf"\textbf{{{expected_best(direct_runs, metric)}}}" in scores
@@ -93,7 +115,9 @@ def test_markdown_prints_the_same_numbers(store, direct_runs, capsys):
         if len(runs) > 1:
             assert f"{runs['metrics.test_bac'].std(ddof=1):.4f}" in out
     assert f"**{expected_best(direct_runs, 'test_bac')}**" in out
-    assert "| Loss   | Method" in out and "Total/eos" in out
+    runtime_header = next(line for line in out.splitlines() if "Method" in line)
+    assert [c.strip() for c in runtime_header.strip("|").split("|")] == [
+        "Loss", "Method", "Phase 1", "Phase 2", "Resampling", "Phase 3", "Total", "Total/eos", "n"]
 
 
 def test_gm_form_selects_the_metric(store, direct_runs, capsys):
@@ -105,17 +129,16 @@ def test_gm_form_selects_the_metric(store, direct_runs, capsys):
         assert f"{runs['metrics.test_gm'].mean():.4f}" in out
 
 
-def test_runtime_table(store, direct_runs):
-    built = report.Report.build(report.gather_runs([EXPERIMENT]), [EXPERIMENT], "macro")
+def test_runtime_table(built, loss_label, direct_runs):
     (_, block), = report.settings(built.runtimes)
     frame = report.runtime_frame(block, report.MARKDOWN)
     assert list(frame.columns) == ["Phase 1", "Phase 2", "Resampling", "Phase 3", "Total",
                                    "Total/eos", "n"]
-    assert frame.loc[("ce", "eos"), "Total/eos"] == "1.00"
-    assert frame.loc[("ce", "eos (K=3)"), "n"] == "1"
+    assert frame.loc[(loss_label, "eos"), "Total/eos"] == "1.00"
+    assert frame.loc[(loss_label, "eos (K=3)"), "n"] == "1"
     eos = direct_runs[direct_runs["label"] == "eos"]
     total = sum(eos[f"metrics.{m}"] for m in report.PHASE_TIMES.values()).mean()
-    assert frame.loc[("ce", "eos"), "Total"] == f"{total:.2f}"
+    assert frame.loc[(loss_label, "eos"), "Total"] == f"{total:.2f}"
 
 
 def test_csv_copies(store, tmp_path):
