@@ -155,6 +155,33 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_grid(args: argparse.Namespace) -> int:
+    from benchmark.studies import run_grid
+
+    overrides = {"device": args.device, **({"data_root": args.data_root} if args.data_root else {}),
+                 **({"download": True} if args.download else {})}
+    counts = run_grid(args.spec, overrides, progress=not args.quiet)
+    print(f"grid: {counts['cells']} cells, {counts['already_finished']} already finished, "
+          f"{counts['ran']} run now ({counts['phase1_trained']} phase-1 trainings), "
+          f"{counts['failed']} failed; experiment '{counts['experiment']}'")
+    return 1 if counts["failed"] else 0
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    from benchmark.studies import run_study
+
+    result = run_study(args.spec, storage=args.storage, trials=args.trials,
+                       progress=not args.quiet)
+    params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
+    final = result["final_metrics"]
+    print(f"study '{result['study']}': {result['completed']} completed trials "
+          f"({result['trials']} in all); best validation BAC {result['best_val_bac']:.4f} with "
+          f"{params}; on test: BAC {final['test_bac']:.4f} GM {final['test_gm_macro']:.4f} "
+          f"F1 {final['test_f1_macro']:.4f} (run {result['final_run_id']}); "
+          f"MLflow experiment '{result['experiment']}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmark", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run benchmark cells (one per seed) and log them to MLflow")
     add_run_options(run)
     run.set_defaults(handler=command_run)
+    grid = sub.add_parser("grid", help="run the cells of a grid spec that have no finished run")
+    grid.add_argument("spec", help="grid spec (YAML), e.g. studies/smoke.yaml")
+    grid.add_argument("--data-root", type=_optional_text, default=None)
+    grid.add_argument("--download", action="store_true")
+    grid.add_argument("--device", default="auto")
+    grid.add_argument("--quiet", action="store_true")
+    grid.set_defaults(handler=command_grid)
+    tune = sub.add_parser("tune", help="run or continue an Optuna study (spec in YAML)")
+    tune.add_argument("spec", help="study spec (YAML), e.g. studies/tune-eos.yaml")
+    tune.add_argument("--storage", type=_optional_text, default=None,
+                      help="Optuna storage: a journal file path (default: the spec's, else "
+                           "./optuna-studies.log) or a URL such as postgresql://...")
+    tune.add_argument("--trials", type=_positive_int, default=None,
+                      help="completed trials to reach (default: the spec's)")
+    tune.add_argument("--quiet", action="store_true")
+    tune.set_defaults(handler=command_tune)
     return parser
 
 

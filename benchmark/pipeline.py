@@ -287,7 +287,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.45 * len(classes))
+    size = min(12.0, max(4.0, 0.45 * len(classes)))  # 100 classes stay a readable heat map
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if len(classes) <= 20:
@@ -344,7 +344,9 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
                         "n_test": len(data.test), "profile_counts": data.profile_counts,
                         "train_class_counts": data.class_counts,
                         "subset_fingerprint": fingerprint(data.train_indices),
-                        "subset_digest": digest, "phase1_key": key})
+                        "subset_digest": digest, "phase1_key": key,
+                        **{f"dataset.{k}": v for k, v in DATASETS.create(
+                            cfg.dataset, root=cfg.data_root).params.items()}})
         start = time.perf_counter()
         if source_run is None:
             phase1 = train_phase1(cfg, data, loss, device, run, progress)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from benchmark import __version__
+from benchmark.errors import RunStopped
 
 # Tag names the suite writes and reads.
 TAG_PHASE1_KEY = "phase1_key"
@@ -60,8 +61,9 @@ class TrackedRun:
     interrupt (Ctrl-C, SIGTERM) KILLED, with the reason in the ``failure_reason`` tag.
     """
 
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None):
-        self.experiment, self.run_name = experiment, run_name
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 resume_run_id: str | None = None):
+        self.experiment, self.run_name, self.resume_run_id = experiment, run_name, resume_run_id
         self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
                      **(tags or {})}
         self.run_id: str | None = None
@@ -77,7 +79,10 @@ class TrackedRun:
         if launcher_run and mlflow.active_run() is None:
             mlflow.start_run(run_id=launcher_run)
         parent = mlflow.active_run()
-        if parent is not None:
+        if self.resume_run_id is not None:
+            run = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags,
+                                   nested=parent is not None)
+        elif parent is not None:
             run = mlflow.start_run(experiment_id=parent.info.experiment_id,
                                    run_name=self.run_name, tags=self.tags, nested=True)
         else:
@@ -102,7 +107,8 @@ class TrackedRun:
         if exc_type is None:
             mlflow.end_run("FINISHED")
             return False
-        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        stopped = issubclass(exc_type, (KeyboardInterrupt, RunStopped))
+        status = "KILLED" if stopped else "FAILED"
         reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
         try:
             mlflow.set_tag(TAG_FAILURE, reason[:5000])
@@ -194,6 +200,30 @@ def download_artifacts(run_id: str, artifact_path: str) -> Path:
 
 def run_metrics(run_id: str) -> dict[str, float]:
     return dict(_mlflow().get_run(run_id).data.metrics)
+
+
+def tag_active_run(tags: dict[str, str]) -> None:
+    _mlflow().set_tags(tags)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Tags on any run, open or ended (e.g. a trial's final state)."""
+    client = _mlflow().MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def find_runs(experiment: str, filter_string: str = "", statuses: tuple[str, ...] = ("FINISHED",)):
+    """Runs of ``experiment`` (by name) matching ``filter_string`` in the given states, newest
+    first; an experiment that does not exist yet has none."""
+    mlflow = _mlflow()
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = mlflow.search_runs(experiment_ids=[found.experiment_id], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    # MLflow's filter language has no OR, so the states are picked here.
+    return [run for run in runs if run.info.status in statuses]
 
 
 # Reading runs back ----------------------------------------------------------------------------
