@@ -93,6 +93,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         "$BENCHMARK_DATA_ROOT)")
     p.add_argument("--download", action="store_true", help="download missing data (online)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the phase-1 model (faster epochs after a slow start)")
     p.add_argument("--experiment", default="eos-benchmark", help="MLflow experiment name")
     p.add_argument("--no-cache", action="store_true",
                    help="train phase 1 even when a finished run already holds it")
@@ -113,7 +115,7 @@ def configs_from_args(args: argparse.Namespace):
             method_params=method_params, loss_params=dict(args.loss_param),
             backbone_params=dict(args.backbone_param),
             data_root=args.data_root, download=args.download, device=args.device,
-            experiment=args.experiment)
+            compile=args.compile, experiment=args.experiment)
 
 
 def summary_line(result: dict) -> str:

@@ -43,6 +43,7 @@ class RunConfig:
     data_root: str | None = None
     download: bool = False
     device: str = "auto"
+    compile: bool = False  # torch.compile the phase-1 model (speed only, same configuration)
     experiment: str = "eos-benchmark"
 
     def resolved(self) -> "RunConfig":
@@ -77,7 +78,7 @@ class RunConfig:
             raise UserError(f"val_fraction must lie strictly between 0 and 1, got {cfg.val_fraction}")
         if cfg.device not in DEVICES:
             raise UserError(f"unknown device '{cfg.device}'; valid devices: {', '.join(DEVICES)}")
-        LOSSES.check_params(cfg.loss, cfg.loss_params)
+        check_loss_params(cfg)
         BACKBONES.check_params(cfg.backbone, cfg.backbone_params)
         accepted = METHODS.create(cfg.method).accepted_params()
         unknown = sorted(set(cfg.method_params) - accepted)
@@ -118,3 +119,12 @@ class RunConfig:
             params.pop(f"{group}_params")
             params.update({f"{group}.{k}": v for k, v in getattr(self, f"{group}_params").items()})
         return params
+
+
+def check_loss_params(cfg: RunConfig) -> None:
+    """Build the loss once on stand-in counts: a misspelt or out-of-range parameter fails here,
+    as one line, instead of inside a run."""
+    try:
+        LOSSES.create(cfg.loss, class_counts=[2, 1], schedule=cfg.schedule, **cfg.loss_params)
+    except TypeError as err:
+        raise UserError(f"loss '{cfg.loss}': {err}") from None

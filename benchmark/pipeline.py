@@ -109,15 +109,22 @@ class Phase1:
     run_id: str
 
 
-def train_phase1(cfg: RunConfig, data: CellData, loss: Loss, device: torch.device,
-                 run: tracking.TrackedRun, progress: bool) -> Phase1:
+def build_model(cfg: RunConfig, data: CellData, loss: Loss, device: torch.device) -> Classifier:
+    """The phase-1 model, seeded; built before the run starts so a bad backbone name or
+    parameter leaves no run behind."""
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    cuda = device.type == "cuda"
     extractor = BACKBONES.create(cfg.backbone, in_channels=data.train.images.shape[1],
                                  image_size=cfg.image_size, **cfg.backbone_params)
     model = Classifier(extractor, loss.make_head(extractor.embedding_dim, data.train.num_classes))
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    channels_last = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    return model.to(device, memory_format=channels_last)
+
+
+def train_phase1(cfg: RunConfig, data: CellData, model: Classifier, loss: Loss,
+                 device: torch.device, run: tracking.TrackedRun, progress: bool) -> Phase1:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    extractor = model.extractor
     normalize = Normalize(data.mean, data.std, device, channels_last=cuda)
     defaults = DATASETS.get(cfg.dataset).defaults
     augment = Augment(padding=defaults.crop_padding, hflip=defaults.hflip)
@@ -135,7 +142,8 @@ def train_phase1(cfg: RunConfig, data: CellData, loss: Loss, device: torch.devic
                          "phase1_val_bac": record["val_bac"], "phase1_lr": record["lr"]}, step=epoch)
 
     start = time.perf_counter()
-    result = fit(model, batches, loss, cfg.schedule, validate, on_epoch=log_epoch,
+    trained = torch.compile(model) if cfg.compile else model  # shares model's parameters
+    result = fit(trained, batches, loss, cfg.schedule, validate, on_epoch=log_epoch,
                  progress="phase 1" if progress else None, amp=cuda)
     time_phase1 = time.perf_counter() - start
 
@@ -328,6 +336,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     resampler = method.embedding_resampler(random_state=cfg.seed)
     key = cfg.phase1_key(method.phase1_identity())
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
+    model = build_model(cfg, data, loss, device) if source_run is None else None
 
     run_name = f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
     with tracking.TrackedRun(cfg.experiment, run_name, {
@@ -338,7 +347,8 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
             name=f"{cfg.dataset}-{cfg.profile}{cfg.ratio:g}-subset{cfg.subset_seed}",
             source={"dataset": cfg.dataset, "profile": cfg.profile, "ratio": str(cfg.ratio),
                     "subset_seed": str(cfg.subset_seed), "val_fraction": str(cfg.val_fraction)})
-        run.log_params({**cfg.as_params(), **{f"loss.{k}": v for k, v in loss.params.items()},
+        run.log_params({**cfg.as_params(),
+                        **{f"loss_hparam.{k}": v for k, v in loss.params.items()},
                         "device_used": device.type, "num_classes": data.train.num_classes,
                         "n_train": len(data.train), "n_val": len(data.val),
                         "n_test": len(data.test), "profile_counts": data.profile_counts,
@@ -349,7 +359,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
                             cfg.dataset, root=cfg.data_root).params.items()}})
         start = time.perf_counter()
         if source_run is None:
-            phase1 = train_phase1(cfg, data, loss, device, run, progress)
+            phase1 = train_phase1(cfg, data, model, loss, device, run, progress)
         else:
             phase1 = load_phase1(source_run, run)
         time_load = 0.0 if source_run is None else time.perf_counter() - start

@@ -16,7 +16,7 @@ from benchmark.errors import DivergenceError, RunStopped, UserError
 from benchmark.registry import METHODS
 
 # Fields of RunConfig that change where a run is logged or how it is computed, not what it is.
-NOT_IDENTITY = ("experiment", "device", "data_root", "download")
+NOT_IDENTITY = ("experiment", "device", "data_root", "download", "compile")
 TAG_CELL = "cell_key"
 TAG_GRID = "grid"
 

@@ -62,22 +62,20 @@ class Augment:
     hflip: bool = True
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, _, h, w = images.shape
-        if self.padding:
-            p = self.padding
-            padded = torch.nn.functional.pad(images, (p, p, p, p))
-            # Offsets come from a CPU generator so CPU and CUDA runs see the same crops.
-            dy = torch.randint(0, 2 * p + 1, (n, 1), generator=generator).to(images.device)
-            dx = torch.randint(0, 2 * p + 1, (n, 1), generator=generator).to(images.device)
-            rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
-            cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
-            batch = torch.arange(n, device=images.device)[:, None, None, None]
-            chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-            images = padded[batch, chans, rows, cols]
+        n, c, h, w = images.shape
+        p, device = self.padding, images.device
+        # Offsets and flips come from a CPU generator, so CPU and CUDA see the same draws.
+        dy = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator).to(device)
+        dx = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator).to(device)
+        cols = torch.arange(w, device=device).expand(n, 1, w)
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        return images
+            flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+            cols = torch.where(flip[:, None, None], w - 1 - cols, cols)
+        # One gather does crop and flip: each output pixel reads its source in the padded image.
+        rows = dy + torch.arange(h, device=device)[None, :, None]
+        source = (rows * (w + 2 * p) + dx + cols).view(n, 1, h * w).expand(n, c, h * w)
+        padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
+        return padded.reshape(n, c, -1).gather(2, source).view(n, c, h, w)
 
 
 @dataclass

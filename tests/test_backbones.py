@@ -1,7 +1,6 @@
 """The architecture-study backbones: WideResNet-28, DenseNet-BC and any timm model."""
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 
@@ -77,18 +76,27 @@ def test_timm_is_imported_only_when_a_timm_backbone_is_built():
 
 
 @pytest.mark.parametrize("backbone", sorted(SMALL))
-def test_backbone_end_to_end_run_finishes(backbone, mlflow_store, tiny_config, monkeypatch):
+def test_backbone_end_to_end_run_finishes(backbone, mlflow_store, tiny_config):
     import mlflow
 
     from benchmark.pipeline import run_cell
 
-    # RunConfig has no backbone parameters yet, so the pipeline would build WRN-28-3 and
-    # DenseNet-BC-100; the lookup hands it the small settings instead.
-    registry_get = BACKBONES.get
-    monkeypatch.setattr(BACKBONES, "get", lambda name: functools.partial(
-        registry_get(name), **SMALL.get(name, {})))
-    cfg = tiny_config(backbone=backbone, epochs=1, head_epochs=1, image_size=16, device="cpu")
+    cfg = tiny_config(backbone=backbone, backbone_params=SMALL.get(backbone, {}), epochs=1,
+                      head_epochs=1, image_size=8, device="cpu")
     result = run_cell(cfg, reuse_phase1=False, progress=False)
     run = mlflow.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["backbone"] == backbone
+    for name, value in SMALL.get(backbone, {}).items():
+        assert run.data.params[f"backbone.{name}"] == str(value)
+
+
+def test_unknown_timm_model_fails_before_any_run(mlflow_store, tiny_config):
+    import mlflow
+
+    from benchmark.errors import UserError
+    from benchmark.pipeline import run_cell
+
+    with pytest.raises(UserError, match="no-such-net"):
+        run_cell(tiny_config(backbone="timm:no-such-net"), progress=False)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

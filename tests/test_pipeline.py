@@ -91,6 +91,8 @@ def test_interrupted_run_ends_killed(mlflow_store, tiny_config, monkeypatch):
     ({"ratio": 1000}, "empty"),
     ({"method": "none", "method_params": {"k_neighbors": 5}}, "takes no parameter"),
     ({"backbone_params": {"depth": 3}}, "takes no parameter"),
+    ({"loss": "focal", "loss_params": {"gama": 1}}, "gama"),
+    ({"loss": "focal", "loss_params": {"gamma": -1}}, "non-negative"),
 ])
 def test_bad_input_stops_before_any_run(mlflow_store, tiny_config, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -110,3 +112,13 @@ def test_final_gap_uses_the_resampled_embeddings(mlflow_store, tiny_config, tmp_
                                     emb["test_y"], 10)
         assert np.bincount(resampled["y"]).min() == np.bincount(resampled["y"]).max()
     assert result["metrics"]["gap"] == pytest.approx(gap)
+
+
+def test_user_set_loss_parameters_name_the_loss(mlflow_store, tiny_config):
+    result = run_cell(tiny_config(loss="focal", loss_params={"gamma": 1}, method="none"),
+                      progress=False)
+    params = mlflow.get_run(result["run_id"]).data.params
+    assert params["loss.gamma"] == "1" and params["loss_hparam.gamma"] == "1"
+    plain = run_cell(tiny_config(loss="focal", method="none"), progress=False)
+    params = mlflow.get_run(plain["run_id"]).data.params
+    assert "loss.gamma" not in params and params["loss_hparam.gamma"] == "2.0"
