@@ -1,7 +1,8 @@
-"""Report generator: finished MLflow runs as score and runtime tables (LaTeX, markdown, CSV)."""
+"""Reports: MLflow runs as paper, score and runtime tables (LaTeX, markdown, CSV) and PNG plots."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -17,19 +18,26 @@ from benchmark.errors import UserError
 
 DEFAULT_EXPERIMENT = "eos-benchmark"
 DEFAULT_OUT = "reports"
-FORMATS = ("latex", "markdown", "csv")
+# What each --format writes; figures (PNG) are written whatever the format.
+FORMATS = {"all": ("latex", "markdown", "csv"), "latex": ("latex",),
+           "markdown": ("markdown",), "csv": ("csv",)}
+DEFAULT_FORMAT = "all"
+# MLproject passes every parameter; this value means "not given".
+UNSET = "default"
 
 # What a table is about; every combination gets tables of its own.  The backbone counts with
 # its parameters (see ``tidy_runs``).
 TABLE_KEYS = ("dataset", "backbone_label", "profile", "ratio")
 # Training settings that also split tables (runs trained differently are never averaged), but
-# are named in titles and file names only where the report's runs disagree on them.  The
+# are named in titles and file names only where a table must be told apart from another.  The
 # device is one because CPU and GPU timings do not mix (and AMP runs on CUDA only).
 TRAINING_SETTINGS = ("epochs", "head_epochs", "batch_size", "lr", "image_size", "subset_seed",
                      "val_fraction", "device_used")
 SETTING_KEYS = TABLE_KEYS + TRAINING_SETTINGS
-# One cell of a score table: a setting, a loss with its parameters, a method with its parameters.
-CELL_KEYS = SETTING_KEYS + ("loss", "loss_label", "method", "method_label")
+# One cell: a setting, a loss with its parameters, a method with its parameters.  The last two
+# follow from the method label (its name and parameters other than K, and K) and are kept so
+# that layouts can put K on an axis of its own.
+CELL_KEYS = SETTING_KEYS + ("loss", "loss_label", "method", "method_label", "method_variant", "K")
 
 GM_FORMS = {
     "macro": ("test_gm_macro", "imbalanced-learn's macro geometric mean, "
@@ -38,23 +46,39 @@ GM_FORMS = {
 }
 F1_METRIC = "test_f1_macro"
 BAC_METRIC = "test_bac"
+RECALL_PREFIX = "test_recall_class_"
 
 PHASE_TIMES = {"Phase 1": "time_phase1_s", "Phase 2": "time_phase2_s",
                "Resampling": "time_resample_s", "Phase 3": "time_phase3_s"}
 TOTAL_TIME = "time_total_s"
 REFERENCE_METHOD = "eos"
+RATIO_TITLE = f"Total/{REFERENCE_METHOD}"
 
-# The paper's column order; methods it does not know follow alphabetically.
+# The paper's orders; names they do not know follow alphabetically.
 METHOD_ORDER = ("none", "smote", "bsmote", "balsvm", "eos-ref", "eos")
+LOSS_ORDER = ("ce", "asl", "focal", "ldam-drw")
+DATASET_ORDER = ("cifar10", "cifar100", "svhn", "celeba")
+BACKBONE_ORDER = ("resnet32", "resnet56", "densenet", "wrn28")
+ORDERS = {"method": METHOD_ORDER, "method_label": METHOD_ORDER, "method_variant": METHOD_ORDER,
+          "loss": LOSS_ORDER, "loss_label": LOSS_ORDER, "dataset": DATASET_ORDER,
+          "backbone_label": BACKBONE_ORDER}
 # Components whose logged parameters (``params.<group>.<name>``) join their label.
 VARIANT_GROUPS = ("backbone", "loss", "method")
-PARAM_ALIASES = {"k_neighbors": "K"}
+K_PARAM = "k_neighbors"
+PARAM_ALIASES = {K_PARAM: "K"}
+# Runs that carry the phase-1 key but are no benchmark cell: tuning trials never see the test
+# set (studies.TAG_ROLE; spelled out so that --help does not import PyTorch).
+TAG_ROLE = "study_role"
+NOT_CELLS = ("trial",)
+REPORT_ROLE = "report"
 
 
 # Gathering ------------------------------------------------------------------------------------
-def gather_runs(experiments: list[str]) -> pd.DataFrame:
-    """The finished runs of ``experiments`` as a tidy frame (see ``tidy_runs``); ``UserError``
-    for an experiment the store lacks or when none of them holds a finished run."""
+def gather_runs(experiments: list[str], cell_keys: set[str] | None = None,
+                grid_name: str | None = None) -> pd.DataFrame:
+    """The finished benchmark cells of ``experiments`` as a tidy frame (see ``tidy_runs``),
+    only those whose ``cell_key`` tag is in ``cell_keys`` when given; ``UserError`` for an
+    experiment the store lacks or when no run is left."""
     known = tracking.experiment_names()
     unknown = sorted(set(experiments) - set(known))
     if unknown:
@@ -62,14 +86,26 @@ def gather_runs(experiments: list[str]) -> pd.DataFrame:
                         f"{tracking.tracking_uri()}; experiments there: "
                         f"{', '.join(known) or 'none'}")
     raw = tracking.finished_runs(experiments)
-    # Only benchmark cells carry the phase-1 key; a study's or `mlflow run`'s parent run,
-    # finished in the same experiment, holds no test scores.
-    key = f"tags.{tracking.TAG_PHASE1_KEY}"
-    cells = raw[raw[key].notna()] if key in raw else raw.iloc[0:0]
+    # Only benchmark cells carry the phase-1 key; a study's, a report's or `mlflow run`'s
+    # parent run, finished in the same experiment, holds no test scores.
+    cells = raw[tag(raw, tracking.TAG_PHASE1_KEY).notna()
+                & ~tag(raw, TAG_ROLE).isin(NOT_CELLS)]
+    where = f"experiment {', '.join(map(repr, experiments))} ({tracking.tracking_uri()})"
     if cells.empty:
-        raise UserError(f"no finished runs in experiment {', '.join(map(repr, experiments))} "
-                        f"({tracking.tracking_uri()})")
+        raise UserError(f"no finished runs in {where}")
+    if cell_keys is not None:
+        from benchmark.studies import TAG_CELL
+
+        cells = cells[tag(cells, TAG_CELL).isin(cell_keys)]
+        if cells.empty:
+            raise UserError(f"no finished run of grid '{grid_name}' ({len(cell_keys)} cells) in "
+                            f"{where}; run it with: python -m benchmark grid SPEC")
     return tidy_runs(cells)
+
+
+def tag(raw: pd.DataFrame, name: str) -> pd.Series:
+    column = f"tags.{name}"
+    return raw[column] if column in raw else pd.Series(None, index=raw.index, dtype=object)
 
 
 def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
@@ -77,8 +113,10 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     and ``TRAINING_SETTINGS``, as logged), ``backbone``, ``loss``, ``method``, ``seed``, the
     labels ``backbone_label`` / ``loss_label`` / ``method_label`` (the name plus every
     ``backbone.*`` / ``loss.*`` / ``method.*`` parameter the run logged, e.g. ``eos (K=3)``:
-    variants of one method become separate columns), and every metric under its own name
-    (``test_bac``, ``time_phase1_s``, ...)."""
+    variants of one method become separate columns), ``method_variant`` (the method label
+    without K), ``K`` (the logged ``method.k_neighbors``, empty for the method's default),
+    ``train_class_counts`` (JSON list) and every metric under its own name (``test_bac``,
+    ``time_phase1_s``, ...)."""
     def param(name: str) -> pd.Series:
         column = f"params.{name}"
         return raw[column] if column in raw else pd.Series(None, index=raw.index, dtype=object)
@@ -91,15 +129,20 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     tidy["seed"] = pd.to_numeric(param("seed"), errors="coerce")
     for group in VARIANT_GROUPS:
         tidy[f"{group}_label"] = variant_labels(raw, tidy[group], group)
+    tidy["method_variant"] = variant_labels(raw, tidy["method"], "method", leave_out=(K_PARAM,))
+    tidy["K"] = param(f"method.{K_PARAM}").fillna("").astype(str).replace("None", "")
+    tidy["train_class_counts"] = param("train_class_counts")
     metrics = raw[[c for c in raw.columns if c.startswith("metrics.")]]
     return pd.concat([tidy, metrics.rename(columns=lambda c: c[len("metrics."):])], axis=1)
 
 
-def variant_labels(raw: pd.DataFrame, names: pd.Series, prefix: str) -> pd.Series:
-    """``name (key=value, ...)`` from the run's ``params.{prefix}.*``; the bare name when the
-    run logged none (the component's defaults)."""
+def variant_labels(raw: pd.DataFrame, names: pd.Series, prefix: str,
+                   leave_out: tuple[str, ...] = ()) -> pd.Series:
+    """``name (key=value, ...)`` from the run's ``params.{prefix}.*`` (less ``leave_out``);
+    the bare name when the run logged none (the component's defaults)."""
     start = f"params.{prefix}."
-    columns = sorted(c for c in raw.columns if c.startswith(start))
+    columns = sorted(c for c in raw.columns
+                     if c.startswith(start) and c[len(start):] not in leave_out)
 
     def label(row_index) -> str:
         given = [(c[len(start):], raw.at[row_index, c]) for c in columns]
@@ -144,20 +187,317 @@ def runtime_metrics() -> list[str]:
     return list(PHASE_TIMES.values()) + [TOTAL_TIME]
 
 
-def settings(summary: pd.DataFrame):
-    """``(setting dict, the summary's rows of that setting)`` in sorted order."""
-    for values, block in summary.groupby(level=list(SETTING_KEYS), dropna=False, sort=True):
-        yield dict(zip(SETTING_KEYS, values)), block
+def cells_of(summary: pd.DataFrame) -> list[tuple[dict, pd.Series]]:
+    """The summary's cells as ``(cell key dict, aggregate row)``."""
+    return [(dict(zip(CELL_KEYS, key)), row) for key, row in summary.iterrows()]
 
 
-def varying_settings(runs: pd.DataFrame) -> list[str]:
-    return [name for name in TRAINING_SETTINGS if runs[name].nunique(dropna=False) > 1]
+def order_key(field: str, value) -> tuple:
+    """Sort key of a field's values: the paper's order, then numbers by value, then text."""
+    if isinstance(value, float) and math.isnan(value):
+        return (1, math.inf, "")
+    name = str(value).split(" (")[0]
+    order = ORDERS.get(field, ())
+    rank = order.index(name) if name in order else len(order)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.inf
+    return (rank, number, str(value))
 
 
-def method_sort_key(method_label_pair: tuple[str, str]) -> tuple:
-    method, label = method_label_pair
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, method, label
+def split_cells(cells: list[tuple[dict, pd.Series]], split: tuple[str, ...]):
+    """``(values of the split fields, the cells with those values)`` in sorted order."""
+    blocks: dict[tuple, list] = {}
+    for key, row in cells:
+        blocks.setdefault(tuple(key[f] for f in split), []).append((key, row))
+    ordered = sorted(blocks, key=lambda values: [order_key(f, v) for f, v in zip(split, values)])
+    return [(dict(zip(split, values)), blocks[values]) for values in ordered]
+
+
+def distinguishing(keys: list[dict], fields: tuple[str, ...], fixed: tuple[str, ...]):
+    """Per key, the ``fields`` outside ``fixed`` on which it differs from another key that
+    agrees with it on every ``fixed`` field: what a title must name besides ``fixed``."""
+    named = []
+    for key in keys:
+        siblings = [other for other in keys if other is not key
+                    and all(other[f] == key[f] for f in fixed)]
+        named.append([f for f in fields if f not in fixed
+                      and any(other[f] != key[f] for other in siblings)])
+    return named
+
+
+# Layouts --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """One level of row labels: a cell field, plus ``folded`` fields that join the label (in
+    parentheses) only where cells with the same value of ``field`` differ in them."""
+
+    header: str
+    field: str
+    folded: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How score tables are cut: one table per value of the ``split`` fields, rows by ``rows``,
+    column groups by ``group`` (None: one column per metric).  Split, rows and groups cover
+    every cell key, so a table cell is exactly one aggregated cell.  Titles always name the
+    ``named`` fields, other split fields only where two tables differ in them; file names do
+    the same when ``stem_kind`` is set, and otherwise name only what tells tables apart.
+    ``best``: the best mean is bold per "row" (among methods) or per "column" (among rows)."""
+
+    name: str
+    heading: str
+    split: tuple[str, ...]
+    rows: tuple[Rows, ...]
+    group: str | None
+    named: tuple[str, ...]
+    stem_kind: str = ""
+    best: str = "row"
+
+
+GENERIC = Layout("generic", "Scores", split=SETTING_KEYS, rows=(Rows("Loss", "loss_label"),),
+                 group="method_label", named=TABLE_KEYS, stem_kind="scores")
+# Runtime tables: per setting, rows loss x method (whatever the score layout).
+RUNTIME = Layout("runtime", "Runtime", split=SETTING_KEYS,
+                 rows=(Rows("Loss", "loss_label"), Rows("Method", "method_label")), group=None,
+                 named=TABLE_KEYS, stem_kind="runtime")
+PAPER_LAYOUTS = {layout.name: layout for layout in (
+    # Table II: every dataset (with its backbone, ratio and training settings) x loss in one
+    # table, the resamplers as column groups.
+    Layout("table2", "Table II: losses and resamplers", split=(),
+           rows=(Rows("Dataset", "dataset", folded=("backbone_label", "profile", "ratio")
+                      + TRAINING_SETTINGS), Rows("Loss", "loss_label")),
+           group="method_label", named=()),
+    # Table IV, transposed with respect to the paper (which puts K in columns): a row per K,
+    # a column per metric; the best K per metric in bold.
+    Layout("table4", "Table IV: sensitivity to K", split=SETTING_KEYS + ("loss_label",
+                                                                         "method_variant"),
+           rows=(Rows("K", "K"),), group=None,
+           named=TABLE_KEYS + ("loss_label", "method_variant"), best="column"),
+    # Table V: a row per backbone, with the training settings that come with it (WideResNet
+    # trains fewer epochs), the methods as column groups.
+    Layout("table5", "Table V: architectures with and without EOS",
+           split=("dataset", "profile", "ratio", "loss_label"),
+           rows=(Rows("Backbone", "backbone_label", folded=TRAINING_SETTINGS),),
+           group="method_label", named=("dataset", "profile", "ratio", "loss_label")),
+)}
+
+
+def field_text(field: str, value) -> str:
+    """A field's value as a title names it: ``exp profile``, ``ratio 100``, ``epochs 200``."""
+    if field == "ratio":
+        return "ratio ?" if pd.isna(value) else f"ratio {value:g}"
+    if field == "profile":
+        return f"{value} profile"
+    if field == "loss_label":
+        return f"loss {value}"
+    if field in ("dataset", "backbone_label", "method_label", "method_variant"):
+        return str(value)
+    return f"{field} {value}"
+
+
+def slug_part(field: str, value) -> str:
+    if field == "ratio":
+        return "r" + ("na" if pd.isna(value) else f"{value:g}")
+    if field in TRAINING_SETTINGS:
+        return f"{field}{value}"
+    return str(value)
+
+
+def slugify(parts: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(parts)).strip("-")
+
+
+def label_text(field: str, value) -> str:
+    """A field's value as a row label."""
+    if field == "K" and value == "":
+        return "default"
+    if field == "ratio":
+        return "?" if pd.isna(value) else f"{value:g}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One table of a layout: its split values, cells, title and file stem."""
+
+    values: dict
+    cells: list
+    heading: str
+    setting: str  # the split values a title names
+    slug: str  # the same for a file name
+    stem: str
+
+    @property
+    def title(self) -> str:
+        return f"{self.heading}: {self.setting}" if self.setting else self.heading
+
+
+def pieces(cells: list, layout: Layout, prefix: str) -> list[Piece]:
+    blocks = split_cells(cells, layout.split)
+    keys = [values for values, _ in blocks]
+    in_title = distinguishing(keys, layout.split, layout.named)
+    stem_fixed = layout.named if layout.stem_kind else ()
+    in_stem = distinguishing(keys, layout.split, stem_fixed)
+    made = []
+    for (values, block), title_extra, stem_extra in zip(blocks, in_title, in_stem):
+        setting = ", ".join(field_text(f, values[f]) for f in list(layout.named) + title_extra)
+        slug = slugify([slug_part(f, values[f]) for f in list(stem_fixed) + stem_extra])
+        stem = "-".join(part for part in (prefix, layout.stem_kind, slug) if part)
+        made.append(Piece(values, block, layout.heading, setting, slug, stem))
+    return made
+
+
+def row_labels(block: list, rows: tuple[Rows, ...]) -> list[tuple[tuple, dict, pd.Series]]:
+    """``(row label tuple, cell key, aggregate row)`` per cell of a table, in row order."""
+    def folded_varying(level: Rows, key: dict) -> list[str]:
+        peers = [k for k, _ in block if k[level.field] == key[level.field]]
+        return [f for f in level.folded if len({str(p[f]) for p in peers}) > 1]
+
+    def label(level: Rows, key: dict) -> str:
+        extra = folded_varying(level, key)
+        text = label_text(level.field, key[level.field])
+        return f"{text} ({', '.join(field_text(f, key[f]) for f in extra)})" if extra else text
+
+    def sort_key(key: dict) -> list:
+        return [part for level in rows for part in
+                [order_key(level.field, key[level.field])]
+                + [order_key(f, key[f]) for f in level.folded]]
+
+    ordered = sorted(block, key=lambda cell: sort_key(cell[0]))
+    return [(tuple(label(level, key) for level in rows), key, row) for key, row in ordered]
+
+
+def row_settings_note(block: list, level: Rows) -> list[tuple[str, str]]:
+    """``(row label, its setting)`` for a level with folded fields: the table-level ones
+    (backbone, profile, ratio) always, training settings where rows differ in them."""
+    keys = [key for key, _ in block]
+    shown = [f for f in level.folded
+             if f in TABLE_KEYS or len({str(k[f]) for k in keys}) > 1]
+    if not shown:
+        return []
+    notes = {}
+    for labels, key, _ in row_labels(block, (level,)):
+        notes.setdefault(labels[0], ", ".join(field_text(f, key[f]) for f in shown))
+    return list(notes.items())
+
+
+# The table model ------------------------------------------------------------------------------
+SCORE, COUNT, SECONDS, RATIO = "score", "count", "seconds", "ratio"
+DIGITS = {SCORE: 4, SECONDS: 2, RATIO: 2}
+
+
+@dataclass(frozen=True)
+class Column:
+    group: str | None  # a method label, or None for tables without column groups
+    title: str  # BAC, GM, FM, n, Phase 1, ...
+    kind: str
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float = math.nan
+
+
+@dataclass
+class Table:
+    """One table of numbers, whatever the output format: rows of labels, columns (grouped or
+    not), a ``Stat`` per filled cell and the cells whose mean is the best (bold)."""
+
+    stem: str
+    title: str
+    caption: Callable[["Markup"], str]
+    index: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    columns: list[Column]
+    values: dict[tuple[tuple[str, ...], Column], Stat]
+    best: set[tuple[tuple[str, ...], Column]]
+
+    @property
+    def grouped(self) -> bool:
+        return any(column.group is not None for column in self.columns)
+
+
+def mark_best(table: Table, per: str) -> None:
+    """Bold the best mean (as shown, so rounding ties count as ties) of every score column
+    title per row (among groups) or of every score column (among rows); only where two or
+    more values compete."""
+    contests: dict[tuple, list] = {}
+    for (row, column), stat in table.values.items():
+        if column.kind != SCORE or pd.isna(stat.mean):
+            continue
+        contest = (row, column.title) if per == "row" else column
+        contests.setdefault(contest, []).append((round(stat.mean, DIGITS[SCORE]), row, column))
+    for entries in contests.values():
+        if len(entries) > 1:
+            top = max(value for value, _, _ in entries)
+            table.best.update((row, column) for value, row, column in entries if value == top)
+
+
+def empty_table(piece: Piece, rows: tuple[Rows, ...], columns: list[Column], caption):
+    labelled = row_labels(piece.cells, rows)
+    table = Table(piece.stem, piece.title, caption, tuple(level.header for level in rows),
+                  list(dict.fromkeys(labels for labels, _, _ in labelled)), columns, {}, set())
+    return table, labelled
+
+
+def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption) -> Table:
+    """Mean and std of every metric, and the number of seeds, per row and column group."""
+    groups = [None] if layout.group is None else sorted(
+        {key[layout.group] for key, _ in piece.cells},
+        key=lambda label: order_key(layout.group, label))
+    columns = [c for group in groups for c in
+               [Column(group, title, SCORE) for title in metrics] + [Column(group, "n", COUNT)]]
+    table, labelled = empty_table(piece, layout.rows, columns, caption)
+    for labels, key, row in labelled:
+        group = None if layout.group is None else key[layout.group]
+        count = Column(group, "n", COUNT)
+        if (labels, count) in table.values:
+            raise AssertionError(f"two cells share row {labels} and column {group}")
+        table.values[(labels, count)] = Stat(float(row[("runs", "n")]))
+        for title, metric in metrics.items():
+            if not pd.isna(row[(metric, "mean")]):
+                table.values[(labels, Column(group, title, SCORE))] = Stat(
+                    row[(metric, "mean")], row[(metric, "std")])
+    mark_best(table, layout.best)
+    return table
+
+
+def runtime_table(piece: Piece, caption) -> Table:
+    """Rows (loss, method); columns: mean seconds per stage, their total, the total divided by
+    eos's total for the same loss (``reference_total``), and the number of runs."""
+    columns = [Column(None, title, SECONDS) for title in list(PHASE_TIMES) + ["Total"]]
+    columns += [Column(None, RATIO_TITLE, RATIO), Column(None, "n", COUNT)]
+    table, labelled = empty_table(piece, RUNTIME.rows, columns, caption)
+    references = {loss: reference_total([(k, r) for k, r in piece.cells
+                                         if k["loss_label"] == loss])
+                  for loss in {key["loss_label"] for key, _ in piece.cells}}
+    for labels, key, row in labelled:
+        for title, metric in list(PHASE_TIMES.items()) + [("Total", TOTAL_TIME)]:
+            if not pd.isna(row[(metric, "mean")]):
+                table.values[(labels, Column(None, title, SECONDS))] = Stat(
+                    row[(metric, "mean")], row[(metric, "std")])
+        reference = references[key["loss_label"]]
+        if reference is not None and not pd.isna(row[(TOTAL_TIME, "mean")]):
+            table.values[(labels, Column(None, RATIO_TITLE, RATIO))] = Stat(
+                row[(TOTAL_TIME, "mean")] / reference)
+        table.values[(labels, Column(None, "n", COUNT))] = Stat(float(row[("runs", "n")]))
+    return table
+
+
+def reference_total(cells: list) -> float | None:
+    """Mean total time of eos among one loss's cells: the cell with eos's default parameters
+    (label ``eos``), else the only eos variant; None when there is no such single reference."""
+    eos = [(key, row) for key, row in cells if key["method"] == REFERENCE_METHOD]
+    plain = [(key, row) for key, row in eos if key["method_label"] == REFERENCE_METHOD]
+    chosen = plain or eos
+    if len(chosen) != 1:
+        return None
+    total = chosen[0][1][(TOTAL_TIME, "mean")]
+    return None if pd.isna(total) or total <= 0 else float(total)
 
 
 # Rendering ------------------------------------------------------------------------------------
@@ -191,128 +531,83 @@ def format_number(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def setting_title(setting: dict, varying: list[str]) -> str:
-    ratio = setting["ratio"]
-    ratio_text = "?" if pd.isna(ratio) else f"{ratio:g}"
-    extras = "".join(f", {name} {setting[name]}" for name in varying)
-    return (f"{setting['dataset']}, {setting['backbone_label']}, {setting['profile']} profile, "
-            f"ratio {ratio_text}{extras}")
+def cell_text(table: Table, row: tuple[str, ...], column: Column, markup: Markup) -> str:
+    """``mean ± std`` for scores (the std a dash for one seed), the mean for seconds, a plain
+    number otherwise; a dash for an empty cell."""
+    stat = table.values.get((row, column))
+    if stat is None or pd.isna(stat.mean):
+        return markup.dash
+    if column.kind == COUNT:
+        return str(int(stat.mean))
+    text = format_number(stat.mean, DIGITS[column.kind])
+    if column.kind != SCORE:
+        return text
+    if (row, column) in table.best:
+        text = markup.bold(text)
+    std = markup.dash if pd.isna(stat.std) else format_number(stat.std, DIGITS[SCORE])
+    return f"{text}{markup.plus_minus}{std}"
 
 
-def setting_slug(setting: dict, varying: list[str]) -> str:
-    ratio = setting["ratio"]
-    parts = [setting["dataset"], setting["backbone_label"], setting["profile"],
-             "r" + ("na" if pd.isna(ratio) else f"{ratio:g}")]
-    parts += [f"{name}{setting[name]}" for name in varying]
-    return re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(str(p) for p in parts)).strip("-")
+def column_title(column: Column, markup: Markup) -> str:
+    return markup.seeds_header if column.kind == COUNT else markup.escape(column.title)
 
 
-def score_frame(block: pd.DataFrame, metrics: dict[str, str], markup: Markup,
-                digits: int = 4) -> pd.DataFrame:
-    """Rows: loss; columns: (method, BAC | GM | FM | n).  Each cell is ``mean ± std`` as text,
-    the best mean per row and metric in bold (ties all bold; only where two or more methods
-    compete), a dash for a missing cell or the std of a single seed."""
-    losses = sorted(block.index.get_level_values("loss_label").unique())
-    methods = sorted(set(zip(block.index.get_level_values("method"),
-                             block.index.get_level_values("method_label"))), key=method_sort_key)
-    by_cell = block.droplevel(list(SETTING_KEYS) + ["loss", "method"])
-    columns = pd.MultiIndex.from_tuples(
-        [(markup.escape(label), title) for _, label in methods
-         for title in list(metrics) + [markup.seeds_header]])
-    frame = pd.DataFrame(markup.dash, index=pd.Index([markup.escape(x) for x in losses],
-                                                     name="Loss"), columns=columns)
-    for loss in losses:
-        for title, metric in metrics.items():
-            means = {label: by_cell.at[(loss, label), (metric, "mean")]
-                     for _, label in methods if (loss, label) in by_cell.index}
-            shown = {label: round(m, digits) for label, m in means.items() if not pd.isna(m)}
-            best = max(shown.values()) if len(shown) > 1 else None
-            for label, mean in means.items():
-                if pd.isna(mean):
-                    continue
-                std = by_cell.at[(loss, label), (metric, "std")]
-                mean_text = format_number(mean, digits)
-                if best is not None and shown[label] == best:
-                    mean_text = markup.bold(mean_text)
-                std_text = markup.dash if pd.isna(std) else format_number(std, digits)
-                frame.at[markup.escape(loss), (markup.escape(label), title)] = (
-                    f"{mean_text}{markup.plus_minus}{std_text}")
-        for _, label in methods:
-            if (loss, label) in by_cell.index:
-                frame.at[markup.escape(loss), (markup.escape(label), markup.seeds_header)] = (
-                    str(int(by_cell.at[(loss, label), ("runs", "n")])))
-    return frame
+def text_frame(table: Table, markup: Markup) -> pd.DataFrame:
+    """The table as text in one markup: grouped columns as a two-level header."""
+    index = pd.MultiIndex.from_tuples(
+        [tuple(markup.escape(label) for label in row) for row in table.rows],
+        names=list(table.index)) if len(table.index) > 1 else pd.Index(
+        [markup.escape(row[0]) for row in table.rows], name=table.index[0])
+    titles = [column_title(c, markup) for c in table.columns]
+    columns = pd.MultiIndex.from_tuples([(markup.escape(c.group or ""), title) for c, title
+                                         in zip(table.columns, titles)]) if table.grouped \
+        else pd.Index(titles)
+    data = [[cell_text(table, row, column, markup) for column in table.columns]
+            for row in table.rows]
+    return pd.DataFrame(data, index=index, columns=columns)
 
 
-def runtime_frame(block: pd.DataFrame, markup: Markup, digits: int = 2) -> pd.DataFrame:
-    """Rows: (loss, method); columns: mean seconds per phase, their total, the total relative
-    to eos of the same loss (see ``reference_total``), and the number of runs."""
-    rows = []
-    ratio_title = f"Total/{REFERENCE_METHOD}"
-    for loss in sorted(block.index.get_level_values("loss_label").unique()):
-        of_loss = block.xs(loss, level="loss_label", drop_level=False)
-        reference = reference_total(of_loss)
-        keyed = {(k[CELL_KEYS.index("method")], k[CELL_KEYS.index("method_label")]): row
-                 for k, row in of_loss.iterrows()}
-        for method, label in sorted(keyed, key=method_sort_key):
-            row = keyed[(method, label)]
-            values = {title: row[(metric, "mean")] for title, metric in PHASE_TIMES.items()}
-            values["Total"] = row[(TOTAL_TIME, "mean")]
-            texts = {title: markup.dash if pd.isna(v) else format_number(v, digits)
-                     for title, v in values.items()}
-            ratio = values["Total"] / reference if reference else math.nan
-            texts[ratio_title] = markup.dash if pd.isna(ratio) else format_number(ratio, 2)
-            texts[markup.seeds_header] = str(int(row[("runs", "n")]))
-            rows.append({"Loss": markup.escape(loss), "Method": markup.escape(label), **texts})
-    return pd.DataFrame(rows).set_index(["Loss", "Method"])
+def number_frame(table: Table) -> pd.DataFrame:
+    """The table as numbers (for CSV): a score column becomes ``<title> mean`` and
+    ``<title> std``, the rest keep their title; grouped columns are prefixed with the group."""
+    records = []
+    for row in table.rows:
+        record = dict(zip(table.index, row))
+        for column in table.columns:
+            name = f"{column.group} {column.title}" if column.group is not None else column.title
+            stat = table.values.get((row, column), Stat(math.nan))
+            if column.kind == SCORE:
+                record[f"{name} mean"], record[f"{name} std"] = stat.mean, stat.std
+            elif column.kind == COUNT:
+                record[name] = None if pd.isna(stat.mean) else int(stat.mean)
+            else:
+                record[name] = stat.mean
+        records.append(record)
+    return pd.DataFrame(records)
 
 
-def reference_total(of_loss: pd.DataFrame) -> float | None:
-    """Mean total time of eos for one loss: the run with eos's default parameters (label
-    ``eos``), else the only eos variant; None when there is no such single reference."""
-    eos = of_loss[of_loss.index.get_level_values("method") == REFERENCE_METHOD]
-    labels = eos.index.get_level_values("method_label")
-    chosen = eos[labels == REFERENCE_METHOD] if REFERENCE_METHOD in set(labels) else eos
-    if len(chosen) != 1:
-        return None
-    total = chosen[(TOTAL_TIME, "mean")].iloc[0]
-    return None if pd.isna(total) or total <= 0 else float(total)
-
-
-def score_caption(title: str, gm_form: str, experiments: list[str], markup: Markup) -> str:
-    esc = markup.escape
-    return (f"{esc(title)}. Mean{markup.plus_minus}sample standard deviation (ddof=1) over "
-            f"seeds (a dash for a single seed); {markup.seeds_header}: number of seeds. "
-            f"BAC: balanced accuracy; GM: {esc(GM_FORMS[gm_form][1])}; FM: macro F1. "
-            f"Best mean per row and metric in bold; a dash alone: no finished run. "
-            f"{experiments_text(experiments, markup)}")
-
-
-def runtime_caption(title: str, experiments: list[str], markup: Markup) -> str:
-    esc = markup.escape
-    return (f"{esc(title)}. Mean seconds over runs per stage; Total = phase 1 + phase 2 + "
-            f"resampling + phase 3 (a reused phase 1 counts the time of the run that trained "
-            f"it); Total/{REFERENCE_METHOD}: total relative to {REFERENCE_METHOD}'s; "
-            f"{markup.seeds_header}: number of runs. {experiments_text(experiments, markup)}")
-
-
-def experiments_text(experiments: list[str], markup: Markup) -> str:
-    plural = "s" if len(experiments) > 1 else ""
-    return f"MLflow experiment{plural}: {markup.escape(', '.join(experiments))}."
+# Wider tables (Table II has 6 methods x 4 columns) shrink to the text width where they exceed it.
+LATEX_MAX_NATURAL_COLUMNS = 8
 
 
 def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs ``table`` float of already formatted and escaped cells, ready to ``\\input``
-    (needs ``\\usepackage{booktabs}``).  Two-level columns (groups of equal width) get a
-    spanning header per group."""
+    (needs ``\\usepackage{booktabs}``, and ``graphicx`` for a table wider than
+    ``LATEX_MAX_NATURAL_COLUMNS`` columns, which shrinks to the text width if wider).  Two-level
+    columns (groups of equal width) get a spanning header per group; with two-level rows, the
+    outer label is written once per block and blocks are ruled apart."""
     index_names = [n or "" for n in frame.index.names]
     grouped = isinstance(frame.columns, pd.MultiIndex)
     sub_titles = list(frame.columns.get_level_values(-1))
+    scaled = len(index_names) + len(sub_titles) > LATEX_MAX_NATURAL_COLUMNS
     lines = ["% Generated by python -m benchmark.report; regenerate rather than edit.",
              r"\begin{table}[htbp]", r"\centering", rf"\caption{{{caption}}}",
-             rf"\label{{{label}}}",
-             rf"\begin{{tabular}}{{{'l' * len(index_names)}{'c' * len(sub_titles)}}}",
-             r"\toprule"]
+             rf"\label{{{label}}}"]
+    if scaled:
+        lines[0] += " Needs graphicx."
+        lines.append(r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%")
+    lines += [rf"\begin{{tabular}}{{{'l' * len(index_names)}{'c' * len(sub_titles)}}}",
+              r"\toprule"]
     if grouped:
         groups = list(dict.fromkeys(frame.columns.get_level_values(0)))
         width = len(sub_titles) // len(groups)
@@ -323,10 +618,18 @@ def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
                               for i in range(len(groups))))
     lines.append(" & ".join(index_names + sub_titles) + r" \\")
     lines.append(r"\midrule")
+    previous = None
     for keys, row in frame.iterrows():
         keys = list(keys) if isinstance(keys, tuple) else [keys]
-        lines.append(" & ".join([str(k) for k in keys] + [str(v) for v in row]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+        if len(keys) > 1:
+            if previous is not None and keys[0] != previous:
+                lines.append(r"\midrule")
+            shown = [""] + keys[1:] if keys[0] == previous else keys
+            previous = keys[0]
+        else:
+            shown = keys
+        lines.append(" & ".join([str(k) for k in shown] + [str(v) for v in row]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}" + ("}" if scaled else ""), r"\end{table}", ""]
     return "\n".join(lines)
 
 
@@ -341,17 +644,52 @@ def markdown_table(frame: pd.DataFrame, title: str, caption: str) -> str:
     return f"### {title}\n\n{caption}\n\n{body}\n"
 
 
+# Captions -------------------------------------------------------------------------------------
+def score_caption(title: str, gm_form: str, experiments: list[str], best: str,
+                  notes: list[tuple[str, list[tuple[str, str]]]]) -> Callable[[Markup], str]:
+    def caption(markup: Markup) -> str:
+        esc = markup.escape
+        where = "row and metric" if best == "row" else "column"
+        settings = "".join(f" Settings per {esc(header)}: " + "; ".join(
+            f"{esc(label)}: {esc(text)}" for label, text in entries) + "."
+            for header, entries in notes)
+        return (f"{esc(title)}. Mean{markup.plus_minus}sample standard deviation (ddof=1) over "
+                f"seeds (a dash for a single seed); {markup.seeds_header}: number of seeds. "
+                f"BAC: balanced accuracy; GM: {esc(GM_FORMS[gm_form][1])}; FM: macro F1. "
+                f"Best mean per {where} in bold; a dash alone: no finished run.{settings} "
+                f"{experiments_text(experiments, markup)}")
+    return caption
+
+
+def runtime_caption(title: str, experiments: list[str]) -> Callable[[Markup], str]:
+    def caption(markup: Markup) -> str:
+        return (f"{markup.escape(title)}. Mean seconds over runs per stage; Total = phase 1 + "
+                f"phase 2 (embedding) + resampling + phase 3 (a reused phase 1 counts the time "
+                f"of the run that trained it); {RATIO_TITLE}: the method's total divided by "
+                f"{REFERENCE_METHOD}'s total for the same loss (above 1: slower than "
+                f"{REFERENCE_METHOD}; a dash where there is no single {REFERENCE_METHOD} "
+                f"run to compare with); {markup.seeds_header}: number of runs. "
+                f"{experiments_text(experiments, markup)}")
+    return caption
+
+
+def experiments_text(experiments: list[str], markup: Markup) -> str:
+    plural = "s" if len(experiments) > 1 else ""
+    return f"MLflow experiment{plural}: {markup.escape(', '.join(experiments))}."
+
+
 # The report -----------------------------------------------------------------------------------
 @dataclass
 class Report:
     """Aggregated runs of one report, ready to render.
 
-    How runs are grouped (``GROUPING_NOTE`` says it to the user): a table per setting, that is
+    How runs are grouped (``GROUPING_NOTE`` says it to the user): a cell per setting, that is
     ``TABLE_KEYS`` (dataset, backbone with its ``backbone.*`` parameters, profile, ratio) plus
-    ``TRAINING_SETTINGS`` (epochs, learning rate, device, ...; named in titles only where the
-    runs disagree); a cell per loss label x method label, labels carrying every ``loss.*`` /
-    ``method.*`` parameter logged, so eos with K=3 is a column of its own.  Seeds are what a
-    cell averages over; a seed run twice counts once (its latest run, ``latest_per_seed``).
+    ``TRAINING_SETTINGS`` (epochs, learning rate, device, ...), x loss label x method label,
+    labels carrying every ``loss.*`` / ``method.*`` parameter logged, so eos with K=3 is a
+    cell of its own.  Seeds are what a cell averages over; a seed run twice counts once (its
+    latest run, ``latest_per_seed``).  The ``layout`` decides how cells make score tables;
+    runtime tables and figures are per setting.  ``prefix`` starts every file name.
     """
 
     runs: pd.DataFrame
@@ -359,53 +697,213 @@ class Report:
     runtimes: pd.DataFrame
     experiments: list[str]
     gm_form: str
+    layout: Layout = GENERIC
+    prefix: str = ""
 
     @classmethod
-    def build(cls, runs: pd.DataFrame, experiments: list[str], gm_form: str) -> "Report":
+    def build(cls, runs: pd.DataFrame, experiments: list[str], gm_form: str,
+              layout: Layout = GENERIC, prefix: str = "") -> "Report":
         runs = with_total_time(latest_per_seed(runs))
+        # A paper table's file is named after it even without a grid to name the report.
+        prefix = prefix or ("" if layout is GENERIC else layout.name)
         return cls(runs, aggregate(runs, list(score_metrics(gm_form).values())),
-                   aggregate(runs, runtime_metrics()), experiments, gm_form)
+                   aggregate(runs, runtime_metrics()), experiments, gm_form, layout, prefix)
 
-    def tables(self, markup: Markup):
-        """``(kind, slug, title, caption, frame)`` per setting: a score and a runtime table."""
-        varying = varying_settings(self.runs)
-        # Both summaries group the same runs by the same keys, so their settings pair up.
-        for (setting, block), (_, times) in zip(settings(self.scores), settings(self.runtimes)):
-            title, slug = setting_title(setting, varying), setting_slug(setting, varying)
-            yield ("scores", slug, f"Scores: {title}",
-                   score_caption(title, self.gm_form, self.experiments, markup),
-                   score_frame(block, score_metrics(self.gm_form), markup))
-            yield ("runtime", slug, f"Runtime: {title}",
-                   runtime_caption(title, self.experiments, markup),
-                   runtime_frame(times, markup))
+    def score_tables(self) -> list[Table]:
+        tables = []
+        for piece in pieces(cells_of(self.scores), self.layout, self.prefix):
+            notes = [(level.header.lower(), row_settings_note(piece.cells, level))
+                     for level in self.layout.rows if level.folded]
+            caption = score_caption(piece.title, self.gm_form, self.experiments,
+                                    self.layout.best, [n for n in notes if n[1]])
+            tables.append(score_table(piece, self.layout, score_metrics(self.gm_form), caption))
+        return tables
+
+    def runtime_tables(self) -> list[Table]:
+        return [runtime_table(piece, runtime_caption(piece.title, self.experiments))
+                for piece in pieces(cells_of(self.runtimes), RUNTIME, self.prefix)]
+
+    def tables(self) -> list[Table]:
+        return self.score_tables() + self.runtime_tables()
+
+    def settings(self) -> list[Piece]:
+        """The report's settings (one per runtime table), for the figures."""
+        return pieces(cells_of(self.scores), RUNTIME, self.prefix)
 
 
-def write_latex(report: Report, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+# Figures --------------------------------------------------------------------------------------
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def k_curves(piece: Piece, metrics: dict[str, str]) -> dict[str, dict[str, list]]:
+    """Per ``loss, method`` label with two or more logged K values: ``(K, Stat)`` per metric
+    title, as ``{label: {title: [(K, Stat), ...]}}``."""
+    curves: dict[str, dict] = {}
+    for key, row in piece.cells:
+        if key["K"] == "":
+            continue  # the method's default K: no value to place on the axis
+        label = f"{key['loss_label']}, {key['method_variant']}"
+        curve = curves.setdefault(label, {title: [] for title in metrics})
+        for title, metric in metrics.items():
+            curve[title].append((float(key["K"]), Stat(row[(metric, "mean")],
+                                                       row[(metric, "std")])))
+    return {label: {title: sorted(points, key=lambda p: p[0]) for title, points in curve.items()}
+            for label, curve in curves.items() if len(next(iter(curve.values()))) > 1}
+
+
+def plot_k_sensitivity(curves: dict, title: str, path: Path) -> None:
+    plt = pyplot()
+    titles = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6), squeeze=False)
+    for ax, metric_title in zip(axes[0], titles):
+        for label, curve in curves.items():
+            points = curve[metric_title]
+            ks = [k for k, _ in points]
+            means = [s.mean for _, s in points]
+            errors = [0.0 if pd.isna(s.std) else s.std for _, s in points]
+            ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=label)
+        ks = sorted({k for curve in curves.values() for k, _ in curve[metric_title]})
+        if ks[-1] >= 10 * ks[0]:  # the paper's K run from 10 to 300
+            ax.set_xscale("log")
+        ax.set_xticks(ks, [f"{k:g}" for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("K (k_neighbors)")
+        ax.set_ylabel(metric_title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title}\nmean over seeds, error bars: sample standard deviation", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recall_by_class(runs: pd.DataFrame, piece: Piece):
+    """``(classes, their training counts, {loss: {method: mean recall per class}})`` for one
+    setting, classes sorted by training size (largest first), means over seeds; None when its
+    runs logged no per-class recall."""
+    mine = runs
+    for field, value in piece.values.items():
+        mine = mine[mine[field].isna()] if pd.isna(value) else mine[mine[field] == value]
+    # Other settings' datasets may have more classes: keep the columns this one logged.
+    classes = sorted(int(c[len(RECALL_PREFIX):]) for c in mine.columns
+                     if c.startswith(RECALL_PREFIX) and mine[c].notna().any())
+    if not classes:
+        return None
+    counts_text = mine["train_class_counts"].dropna()
+    logged = json.loads(counts_text.iloc[0]) if len(counts_text) else []
+    counts = {c: logged[c] if c < len(logged) else 0 for c in classes}
+    order = sorted(classes, key=lambda c: (-counts[c], c))
+    columns = [f"{RECALL_PREFIX}{c}" for c in order]
+    means = mine.groupby(["loss_label", "method_label"])[columns].mean()
+    by_loss: dict[str, dict[str, list[float]]] = {}
+    for (loss, method), row in sorted(means.iterrows(), key=lambda item: (
+            order_key("loss_label", item[0][0]), order_key("method_label", item[0][1]))):
+        by_loss.setdefault(loss, {})[method] = row[columns].tolist()
+    return order, [counts[c] for c in order], by_loss
+
+
+def plot_recall(order: list[int], counts: list[int], by_loss: dict, title: str,
+                path: Path) -> None:
+    plt = pyplot()
+    width = min(16.0, max(6.0, 0.3 * len(order)))
+    fig, axes = plt.subplots(len(by_loss), 1, figsize=(width, 3.2 * len(by_loss)),
+                             squeeze=False, sharex=True)
+    positions = list(range(len(order)))
+    for ax, (loss, methods) in zip(axes[:, 0], by_loss.items()):
+        for method, recalls in methods.items():
+            ax.plot(positions, recalls, marker="o", markersize=3, label=method)
+        ax.set_ylabel(f"test recall\n(loss {loss})")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(6, len(methods)))
+    step = max(1, len(order) // 25)  # CIFAR-100's 100 classes stay legible
+    axes[-1, 0].set_xticks(positions[::step],
+                           [f"{c}\n({n})" for c, n in zip(order, counts)][::step], fontsize=7)
+    axes[-1, 0].set_xlabel("class (training images), largest class first")
+    fig.suptitle(f"{title}\nper-class test recall, mean over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_figures(report: Report, out: Path) -> list[tuple[str, Path]]:
+    """K sensitivity (where runs differ in K) and per-class recall, per setting: ``(title,
+    path)`` of each PNG written."""
     written = []
-    for kind, slug, _, caption, frame in report.tables(LATEX):
-        path = out / f"{kind}-{slug}.tex"
-        path.write_text(latex_table(frame, caption, f"tab:{kind}-{slug}"))
-        written.append(path)
+    metrics = score_metrics(report.gm_form)
+    for piece in report.settings():
+        curves = k_curves(piece, metrics)
+        if curves:
+            title = f"K sensitivity: {piece.setting}"
+            path = out / f"{figure_stem(report, 'k-sensitivity', piece.slug)}.png"
+            plot_k_sensitivity(curves, title, path)
+            written.append((title, path))
+        recall = recall_by_class(report.runs, piece)
+        if recall is not None:
+            title = f"Per-class recall: {piece.setting}"
+            path = out / f"{figure_stem(report, 'recall', piece.slug)}.png"
+            plot_recall(*recall, title, path)
+            written.append((title, path))
     return written
 
 
-def markdown_text(report: Report) -> str:
-    return "\n".join(markdown_table(frame, title, caption)
-                     for _, _, title, caption, frame in report.tables(MARKDOWN))
+def figure_stem(report: Report, kind: str, slug: str) -> str:
+    return "-".join(part for part in (report.prefix, kind, slug) if part)
 
 
-def write_csv(report: Report, out: Path) -> list[Path]:
-    """The aggregates, one row per cell, columns ``<metric>_<mean|std|count>`` and ``runs_n``."""
-    out.mkdir(parents=True, exist_ok=True)
+# Output ---------------------------------------------------------------------------------------
+def markdown_text(tables: list[Table], figures: list[tuple[str, Path]]) -> str:
+    parts = [markdown_table(text_frame(t, MARKDOWN), t.title, t.caption(MARKDOWN))
+             for t in tables]
+    parts += [f"### {title}\n\n![{title}]({path.name})\n" for title, path in figures]
+    return "\n".join(parts)
+
+
+def write_aggregates(report: Report, out: Path) -> list[Path]:
+    """Every cell's aggregates, one row per cell, columns ``<metric>_<mean|std|count>`` and
+    ``runs_n``: ``scores.csv`` and ``runtime.csv``."""
     written = []
     for name, summary in (("scores", report.scores), ("runtime", report.runtimes)):
         flat = summary.copy()
         flat.columns = [f"{metric}_{stat}" for metric, stat in flat.columns]
-        path = out / f"{name}.csv"
+        path = out / f"{'-'.join(p for p in (report.prefix, name) if p)}.csv"
         flat.reset_index().to_csv(path, index=False)
         written.append(path)
     return written
+
+
+def write_report(report: Report, out: Path, formats: tuple[str, ...]) -> tuple[list[Path], str]:
+    """Write the figures and every table in ``formats`` under ``out``; returns the files
+    (tables first, then figures) and the markdown text ('' unless asked for)."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(report, out)
+    tables = report.tables()
+    written: list[Path] = []
+    for table in tables:
+        if "latex" in formats:
+            path = out / f"{table.stem}.tex"
+            path.write_text(latex_table(text_frame(table, LATEX), table.caption(LATEX),
+                                        f"tab:{table.stem}"))
+            written.append(path)
+        if "csv" in formats:
+            path = out / f"{table.stem}.csv"
+            number_frame(table).to_csv(path, index=False)
+            written.append(path)
+    if "csv" in formats:
+        written += write_aggregates(report, out)
+    markdown = ""
+    if "markdown" in formats:
+        markdown = markdown_text(tables, figures)
+        path = out / f"{report.prefix or 'report'}.md"
+        path.write_text(markdown)
+        written.append(path)
+    return written + [path for _, path in figures], markdown
 
 
 def check_choice(value: str, choices, what: str) -> str:
@@ -416,47 +914,92 @@ def check_choice(value: str, choices, what: str) -> str:
 
 GROUPING_NOTE = (
     "Runs are never averaged across settings: each dataset x backbone (with its parameters) x "
-    "profile x ratio, and each value of a training setting or device on which the runs "
-    "disagree, gets its own tables; within a table, rows are the loss and columns the method, "
-    "each with the parameters its runs logged (eos and 'eos (K=3)' are separate columns). "
-    "Runs of several experiments with one setting share cells; only the latest run of a cell "
-    "and seed counts.")
+    "profile x ratio x training setting (epochs, lr, device, ...) x loss x method (each with "
+    "the parameters its runs logged: eos and 'eos (K=3)' are separate) is a cell, averaged over "
+    "seeds; only the latest run of a cell and seed counts, and runs of several experiments "
+    "with one setting share cells.  Generic layout: a table per setting, rows loss, columns "
+    "method.  --grid with a spec named table2 / table4 / table5 picks the paper's layout.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.report", epilog=GROUPING_NOTE,
-        description="Tables of the finished runs in the MLflow store (MLFLOW_TRACKING_URI): "
-                    "BAC / GM / FM by loss x method, and runtime per stage.")
+        description="Tables and figures of the finished runs in the MLflow store "
+                    "(MLFLOW_TRACKING_URI): BAC / GM / FM by loss x method (or a paper "
+                    "table's layout), runtime per stage, K sensitivity and per-class recall; "
+                    "the files are also logged to a run tagged study_role=report.")
     parser.add_argument("--experiment", action="append", dest="experiments", metavar="NAME",
-                        help=f"experiment to report; repeat for several; default "
-                             f"{DEFAULT_EXPERIMENT}")
+                        help=f"experiment to report; repeat for several; default: the grid's "
+                             f"experiment with --grid, else {DEFAULT_EXPERIMENT}")
+    parser.add_argument("--grid", metavar="SPEC",
+                        help="grid spec (YAML): report only its cells (runs tagged with one "
+                             "of its cell keys), from its experiment; specs named table2, "
+                             "table4 or table5 get the paper's layout")
     parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"folder for latex and csv files; default {DEFAULT_OUT}/")
-    parser.add_argument("--format", default="latex",
-                        help="latex (one .tex per table), markdown (printed) or csv; "
-                             "default latex")
+                        help=f"folder for the files; default {DEFAULT_OUT}/")
+    parser.add_argument("--format", default=DEFAULT_FORMAT,
+                        help="all (default: .tex, .md and .csv), latex (one .tex per table), "
+                             "markdown (printed, and written as one .md) or csv (one .csv per "
+                             "table plus every cell's aggregates); PNG figures always")
     parser.add_argument("--gm", default="macro",
                         help="GM shown: macro (test_gm_macro, the EOS paper's) or multiclass "
                              "(test_gm, per-class geometric mean); default macro")
+    parser.add_argument("--no-log", action="store_true",
+                        help="do not log the report as an MLflow run")
     return parser
 
 
+@dataclass
+class Scope:
+    """Which runs a report covers and how it lays them out."""
+
+    experiments: list[str]
+    cell_keys: set[str] | None = None
+    grid: str | None = None
+    layout: Layout = GENERIC
+
+
+def scope_of(args: argparse.Namespace) -> Scope:
+    experiments = [e for e in dict.fromkeys(args.experiments or []) if e != UNSET]
+    if args.grid in (None, "", UNSET):
+        return Scope(experiments or [DEFAULT_EXPERIMENT])
+    from benchmark.studies import Grid, cell_key
+
+    grid = Grid.from_spec(args.grid)
+    keys = {cell_key(cfg.resolved()) for cfg in grid.cells}
+    return Scope(experiments or [grid.experiment], keys, grid.name,
+                 PAPER_LAYOUTS.get(grid.name, GENERIC))
+
+
 def make_report(args: argparse.Namespace) -> int:
-    output_format = check_choice(args.format, FORMATS, "format")
+    output_format = check_choice(DEFAULT_FORMAT if args.format == UNSET else args.format,
+                                 tuple(FORMATS), "format")
     gm_form = check_choice(args.gm, tuple(GM_FORMS), "GM form")
-    experiments = list(dict.fromkeys(args.experiments or [DEFAULT_EXPERIMENT]))
-    runs = gather_runs(experiments)
-    report = Report.build(runs, experiments, gm_form)
+    scope = scope_of(args)
+    runs = gather_runs(scope.experiments, scope.cell_keys, scope.grid)
+    report = Report.build(runs, scope.experiments, gm_form, scope.layout, scope.grid or "")
+    # With markdown on stdout, everything else goes to stderr so that it can be piped.
+    notes = sys.stderr if output_format == "markdown" else sys.stdout
     if len(report.runs) < len(runs):
         print(f"note: {len(runs) - len(report.runs)} older run(s) repeat a cell and seed and "
               f"are left out", file=sys.stderr)
+    written, markdown = write_report(report, Path(args.out), FORMATS[output_format])
     if output_format == "markdown":
-        print(markdown_text(report), end="")
-        return 0
-    writer = write_latex if output_format == "latex" else write_csv
-    for path in writer(report, Path(args.out)):
-        print(f"wrote {path}")
+        print(markdown, end="")
+    for path in written:
+        print(f"wrote {path}", file=notes)
+    if not args.no_log:
+        run_id = tracking.log_report(
+            scope.experiments[0],
+            {"figures": [p for p in written if p.suffix == ".png"],
+             "tables": [p for p in written if p.suffix != ".png"]},
+            params={"experiments": ",".join(scope.experiments), "grid_spec": args.grid or "",
+                    "grid_name": scope.grid or "", "layout": scope.layout.name, "gm": gm_form,
+                    "format": output_format, "runs": len(report.runs)},
+            # No `grid` tag: that one marks a grid's cells.
+            tags={TAG_ROLE: REPORT_ROLE})
+        print(f"logged the report as run {run_id} in experiment {scope.experiments[0]}",
+              file=notes)
     return 0
 
 

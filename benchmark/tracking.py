@@ -246,3 +246,15 @@ def finished_runs(experiment_names: list[str]):
     runs = mlflow.search_runs(experiment_ids=list(names),
                               filter_string="attributes.status = 'FINISHED'")
     return runs.assign(experiment=runs["experiment_id"].map(names))
+
+
+def log_report(experiment: str, files: dict[str, list[Path]], params: dict[str, Any],
+               tags: dict[str, str]) -> str:
+    """One run in ``experiment`` holding a report's files as artifacts (``{artifact folder:
+    files}``); it ends FINISHED only once every file is logged.  Returns its id."""
+    with TrackedRun(experiment, "report", tags) as run:
+        run.log_params(params)
+        for folder, paths in files.items():
+            for path in paths:
+                run.log_artifact(path, folder)
+    return run.run_id

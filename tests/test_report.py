@@ -1,27 +1,63 @@
-"""The report generator against real runs: aggregates, LaTeX and markdown tables, errors."""
+"""The report generator on real runs: aggregates, paper layouts, formats, figures, report run."""
 from __future__ import annotations
 
 import math
 import shutil
 import subprocess
+import textwrap
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from benchmark import report
 
 # An underscore, so that the LaTeX captions must escape the name.
 EXPERIMENT = "report_tests"
+K_EXPERIMENT = "grid_k"
+TABLE2_EXPERIMENT = "grid_table2"
 SCORE_METRICS = {"BAC": "test_bac", "GM": "test_gm_macro", "FM": "test_f1_macro"}
+SETTING = "digits-resnet32-exp-r10"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Tiny grids named after the paper tables, so that they get the paper layouts.  Every cell
+# shares its phase 1 with the runs made before (same data, backbone, loss, epochs, seed), but
+# the focal rows, which train one more phase 1.
+TABLE4_SPEC = f"""
+    name: table4
+    experiment: {K_EXPERIMENT}
+    datasets: [digits]
+    losses: [ce]
+    methods: [eos]
+    seeds: [0, 1]
+    method_params: {{k_neighbors: [3, 5]}}
+    settings: {{epochs: 1, head_epochs: 1}}
+"""
+TABLE2_SPEC = f"""
+    name: table2
+    experiment: {TABLE2_EXPERIMENT}
+    datasets: [digits]
+    methods: [none, eos]
+    seeds: [0, 1]
+    settings: {{epochs: 1, head_epochs: 1}}
+    blocks:
+      - {{losses: [ce]}}
+      - {{losses: [focal], seeds: [0]}}
+"""
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One store for the module: none and eos on digits, seeds 0 and 1, plus eos with K=3 on
-    seed 0 under a study's parent run (phase 1 is trained once per seed and reused)."""
+    seed 0 under a study's parent run (phase 1 is trained once per seed and reused) and a
+    tuning trial with K=4, which is no cell; the grids
+    table4 (eos with K 3 and 5, two seeds) plus a stray K=7 run that is no cell of it, and
+    table2 (none and eos; ce on two seeds, focal on one)."""
     import mlflow
 
     from benchmark.config import RunConfig
     from benchmark.pipeline import run_cell
+    from benchmark.studies import run_grid
 
     folder = tmp_path_factory.mktemp("report-store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -29,10 +65,13 @@ def store(tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)  # the default artifact root is relative to the working dir
         mlflow.set_tracking_uri(uri)
-        def run(method: str, seed: int, **method_params) -> None:
+
+        def run(method: str, seed: int, experiment: str = EXPERIMENT, trial: bool = False,
+                **method_params) -> None:
             run_cell(RunConfig(dataset="digits", method=method, seed=seed, epochs=1,
                                head_epochs=1, method_params=method_params,
-                               experiment=EXPERIMENT), progress=False)
+                               experiment=experiment), progress=False,
+                     evaluate_test=not trial, tags={"study_role": "trial"} if trial else None)
 
         for seed in (0, 1):
             run("none", seed)
@@ -41,17 +80,28 @@ def store(tmp_path_factory):
         with mlflow.start_run(experiment_id=experiment_id, run_name="study"):  # not a cell
             mlflow.log_params({"method": "eos", "dataset": "digits"})
             run("eos", 0, k_neighbors=3)
+        run("eos", 0, trial=True, k_neighbors=4)  # a tuning trial: no test scores, no cell
+        specs = {}
+        for name, text in (("table4", TABLE4_SPEC), ("table2", TABLE2_SPEC)):
+            specs[name] = folder / f"{name}.yaml"
+            specs[name].write_text(textwrap.dedent(text))
+            assert run_grid(specs[name], progress=False)["failed"] == 0
+        run("eos", 0, experiment=K_EXPERIMENT, k_neighbors=7)
         mlflow.create_experiment("empty")
-        yield uri
+        yield SimpleNamespace(uri=uri, folder=folder, specs=specs)
         mlflow.set_tracking_uri("")
+
+
+def search(experiment: str, filter_string: str = "") -> pd.DataFrame:
+    import mlflow
+
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string)
 
 
 @pytest.fixture(scope="module")
 def direct_runs(store):
     """The cells straight from mlflow.search_runs, labelled by method column."""
-    import mlflow
-
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    runs = search(EXPERIMENT)
     runs = runs[runs["metrics.test_bac"].notna()].copy()
     k = runs["params.method.k_neighbors"]
     runs["label"] = runs["params.method"].where(k.isna(), runs["params.method"] + " (K=" + k + ")")
@@ -71,14 +121,34 @@ def loss_label(built):
     return label
 
 
+def grid_report(store, tmp_path_factory, name: str, *extra: str):
+    out = tmp_path_factory.mktemp(f"report-{name}")
+    assert report.main(["--grid", str(store.specs[name]), "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def table4_out(store, tmp_path_factory):
+    """The table4 grid's report, in every format, logged as a run (the only report run of its
+    experiment)."""
+    return grid_report(store, tmp_path_factory, "table4")
+
+
+@pytest.fixture(scope="module")
+def table2_out(store, tmp_path_factory):
+    return grid_report(store, tmp_path_factory, "table2", "--no-log")
+
+
 def expected_best(direct_runs, metric: str) -> str:
     means = direct_runs.groupby("label")[f"metrics.{metric}"].mean().round(4)
     return f"{means.max():.4f}"
 
 
 def test_aggregates_match_mlflow(built, loss_label, direct_runs):
-    assert len(direct_runs) == 5 and len(built.runs) == 5  # the study's parent run is no cell
-    cells = built.scores.droplevel(list(report.SETTING_KEYS) + ["loss", "method"])
+    # Neither the study's parent run nor the tuning trial is a cell.
+    assert len(direct_runs) == 5 and len(built.runs) == 5
+    cells = built.scores.droplevel([k for k in report.CELL_KEYS
+                                    if k not in ("loss_label", "method_label")])
     assert set(cells.index) == {(loss_label, m) for m in ("none", "eos", "eos (K=3)")}
     for label, runs in direct_runs.groupby("label"):
         cell = cells.loc[(loss_label, label)]
@@ -92,23 +162,37 @@ def test_aggregates_match_mlflow(built, loss_label, direct_runs):
                 assert math.isnan(cell[(metric, "std")])
 
 
-def test_latex_tables(store, direct_runs, tmp_path):
-    assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path)]) == 0
-    scores = (tmp_path / "scores-digits-resnet32-exp-r10.tex").read_text()
+def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--no-log"]) == 0
+    scores = (tmp_path / f"scores-{SETTING}.tex").read_text()
     for text in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule", "report\\_tests",
                  "{none}", "{eos}", "{eos (K=3)}", "\nce", "test\\_gm\\_macro"):
         assert text in scores
     for metric in SCORE_METRICS.values():
         assert rf"\textbf{{{expected_best(direct_runs, metric)}}}" in scores
-    runtime = (tmp_path / "runtime-digits-resnet32-exp-r10.tex").read_text()
+    runtime = (tmp_path / f"runtime-{SETTING}.tex").read_text()
     assert r"\toprule" in runtime and r"\bottomrule" in runtime
     assert "Phase 1 & Phase 2 & Resampling & Phase 3 & Total & Total/eos" in runtime
     assert "& eos & " in runtime and "& none & " in runtime
+    # The default format is all: markdown and CSV copies too, and the recall figure; no K
+    # figure, since only one run logged a K (the others use the default).
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f"scores-{SETTING}.tex", f"scores-{SETTING}.csv", f"runtime-{SETTING}.tex",
+        f"runtime-{SETTING}.csv", "scores.csv", "runtime.csv", "report.md",
+        f"recall-{SETTING}.png"])
 
 
-def test_markdown_prints_the_same_numbers(store, direct_runs, capsys):
-    assert report.main(["--experiment", EXPERIMENT, "--format", "markdown"]) == 0
+def test_mlproject_default_means_not_given(store, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--grid", "default", "--format", "default",
+                        "--out", str(tmp_path), "--no-log"]) == 0
+    assert (tmp_path / f"scores-{SETTING}.tex").exists() and (tmp_path / "report.md").exists()
+
+
+def test_markdown_prints_the_same_numbers_and_writes_them(store, direct_runs, capsys, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--format", "markdown", "--out",
+                        str(tmp_path), "--no-log"]) == 0
     out = capsys.readouterr().out
+    assert (tmp_path / "report.md").read_text() == out
     for label, runs in direct_runs.groupby("label"):
         for metric in SCORE_METRICS.values():
             assert f"{runs[f'metrics.{metric}'].mean():.4f}" in out
@@ -118,11 +202,12 @@ def test_markdown_prints_the_same_numbers(store, direct_runs, capsys):
     runtime_header = next(line for line in out.splitlines() if "Method" in line)
     assert [c.strip() for c in runtime_header.strip("|").split("|")] == [
         "Loss", "Method", "Phase 1", "Phase 2", "Resampling", "Phase 3", "Total", "Total/eos", "n"]
+    assert not list(tmp_path.glob("*.tex")) and not list(tmp_path.glob("*.csv"))
 
 
-def test_gm_form_selects_the_metric(store, direct_runs, capsys):
+def test_gm_form_selects_the_metric(store, direct_runs, capsys, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--format", "markdown", "--gm",
-                        "multiclass"]) == 0
+                        "multiclass", "--out", str(tmp_path), "--no-log"]) == 0
     out = capsys.readouterr().out
     assert "(metric test_gm)" in out
     for _, runs in direct_runs.groupby("label"):
@@ -130,23 +215,136 @@ def test_gm_form_selects_the_metric(store, direct_runs, capsys):
 
 
 def test_runtime_table(built, loss_label, direct_runs):
-    (_, block), = report.settings(built.runtimes)
-    frame = report.runtime_frame(block, report.MARKDOWN)
+    (table,) = built.runtime_tables()
+    frame = report.text_frame(table, report.MARKDOWN)
     assert list(frame.columns) == ["Phase 1", "Phase 2", "Resampling", "Phase 3", "Total",
                                    "Total/eos", "n"]
     assert frame.loc[(loss_label, "eos"), "Total/eos"] == "1.00"
     assert frame.loc[(loss_label, "eos (K=3)"), "n"] == "1"
-    eos = direct_runs[direct_runs["label"] == "eos"]
-    total = sum(eos[f"metrics.{m}"] for m in report.PHASE_TIMES.values()).mean()
-    assert frame.loc[(loss_label, "eos"), "Total"] == f"{total:.2f}"
+    totals = {label: sum(runs[f"metrics.{m}"] for m in report.PHASE_TIMES.values()).mean()
+              for label, runs in direct_runs.groupby("label")}
+    assert frame.loc[(loss_label, "eos"), "Total"] == f"{totals['eos']:.2f}"
+    assert frame.loc[(loss_label, "none"), "Total/eos"] == f"{totals['none'] / totals['eos']:.2f}"
 
 
-def test_csv_copies(store, tmp_path):
+def test_csv_copies_hold_the_numbers(store, direct_runs, loss_label, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--format", "csv", "--out",
-                        str(tmp_path)]) == 0
+                        str(tmp_path), "--no-log"]) == 0
     header = (tmp_path / "scores.csv").read_text().splitlines()[0]
     assert "test_bac_mean" in header and "test_bac_std" in header and "runs_n" in header
     assert (tmp_path / "runtime.csv").exists()
+    table = pd.read_csv(tmp_path / f"scores-{SETTING}.csv").set_index("Loss")
+    for label, runs in direct_runs.groupby("label"):
+        assert table.at[loss_label, f"{label} n"] == len(runs)
+        for title, metric in SCORE_METRICS.items():
+            assert table.at[loss_label, f"{label} {title} mean"] == pytest.approx(
+                runs[f"metrics.{metric}"].mean())
+    runtime = pd.read_csv(tmp_path / f"runtime-{SETTING}.csv")
+    assert list(runtime.columns) == ["Loss", "Method", "Phase 1", "Phase 2", "Resampling",
+                                     "Phase 3", "Total", "Total/eos", "n"]
+
+
+def grid_cell_runs(store, name: str) -> pd.DataFrame:
+    """The grid's cells as MLflow holds them (runs tagged with the grid's name)."""
+    from benchmark.studies import Grid, cell_key
+
+    experiment = {"table4": K_EXPERIMENT, "table2": TABLE2_EXPERIMENT}[name]
+    runs = search(experiment, f"tags.grid = '{name}' and attributes.status = 'FINISHED'")
+    keys = {cell_key(cfg.resolved()) for cfg in Grid.from_spec(store.specs[name]).cells}
+    assert set(runs["tags.cell_key"]) == keys
+    return runs
+
+
+def test_grid_restricts_to_the_spec_cells(store):
+    from benchmark.studies import Grid, cell_key
+
+    everything = report.gather_runs([K_EXPERIMENT])
+    assert set(everything["K"]) == {"3", "5", "7"}  # the stray run is in the experiment
+    keys = {cell_key(cfg.resolved()) for cfg in Grid.from_spec(store.specs["table4"]).cells}
+    restricted = report.gather_runs([K_EXPERIMENT], keys, "table4")
+    assert set(restricted["run_id"]) == set(grid_cell_runs(store, "table4")["run_id"])
+    assert set(restricted["K"]) == {"3", "5"}
+
+
+def test_table4_layout_rows_are_k(store, table4_out):
+    runs = grid_cell_runs(store, "table4")
+    table = pd.read_csv(table4_out / "table4.csv")
+    assert list(table.columns) == ["K", "BAC mean", "BAC std", "GM mean", "GM std", "FM mean",
+                                   "FM std", "n"]
+    assert table["K"].tolist() == [3, 5]  # the stray K=7 run is no cell of the grid
+    for _, row in table.iterrows():
+        of_k = runs[runs["params.method.k_neighbors"] == str(int(row["K"]))]
+        assert row["n"] == len(of_k) == 2
+        for title, metric in SCORE_METRICS.items():
+            assert row[f"{title} mean"] == pytest.approx(of_k[f"metrics.{metric}"].mean())
+            assert row[f"{title} std"] == pytest.approx(of_k[f"metrics.{metric}"].std(ddof=1))
+    tex = (table4_out / "table4.tex").read_text()
+    assert "K & BAC & GM & FM & $n$ \\\\" in tex and "Table IV" in tex
+    assert "\n3 & " in tex and "\n5 & " in tex and "\n7 & " not in tex
+
+
+def test_table2_layout_rows_are_dataset_and_loss(store, table2_out):
+    runs = grid_cell_runs(store, "table2")
+    table = pd.read_csv(table2_out / "table2.csv")
+    assert table["Dataset"].tolist() == ["digits", "digits"]
+    assert [label.split(" ")[0] for label in table["Loss"]] == ["ce", "focal"]
+    assert list(table.columns) == ["Dataset", "Loss"] + [
+        f"{method} {column}" for method in ("none", "eos") for column in
+        ("BAC mean", "BAC std", "GM mean", "GM std", "FM mean", "FM std", "n")]
+    for _, row in table.iterrows():
+        for method in ("none", "eos"):
+            cell = runs[(runs["params.method"] == method)
+                        & (runs["params.loss"] == row["Loss"].split(" ")[0])]
+            assert row[f"{method} n"] == len(cell)
+            assert row[f"{method} BAC mean"] == pytest.approx(cell["metrics.test_bac"].mean())
+    assert table["eos n"].tolist() == [2, 1]
+    tex = (table2_out / "table2.tex").read_text()
+    assert r"\multicolumn{4}{c}{none} & \multicolumn{4}{c}{eos}" in tex
+    assert "Dataset & Loss & BAC & GM & FM & $n$ & BAC & GM & FM & $n$" in tex
+    assert "\ndigits & ce" in tex and "\n & focal" in tex  # the dataset named once per block
+    assert "Settings per dataset: digits: resnet32, exp profile, ratio 10." in tex
+
+
+def markdown_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the markdown table under ``heading``, cells without bold marks."""
+    block = text.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("|")][2:]
+    return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")]
+            for line in lines]
+
+
+def test_markdown_and_csv_copies_show_the_same_numbers(table2_out):
+    table = pd.read_csv(table2_out / "table2.csv")
+    rows = markdown_rows((table2_out / "table2.md").read_text(), "Table II: losses and resamplers")
+    assert len(rows) == len(table)
+    for cells, (_, row) in zip(rows, table.iterrows()):
+        expected = [row["Dataset"], row["Loss"]]
+        for method in ("none", "eos"):
+            for title in SCORE_METRICS:
+                std = row[f"{method} {title} std"]
+                expected.append(f"{row[f'{method} {title} mean']:.4f} ± "
+                                + ("-" if math.isnan(std) else f"{std:.4f}"))
+            expected.append(str(row[f"{method} n"]))
+        assert cells == expected
+
+
+def test_figures_are_written_and_logged_with_the_report_run(store, table4_out):
+    import mlflow
+
+    figures = {f"table4-k-sensitivity-{SETTING}.png", f"table4-recall-{SETTING}.png"}
+    for name in figures:
+        assert (table4_out / name).read_bytes().startswith(PNG_MAGIC)
+    reports = search(K_EXPERIMENT, "tags.study_role = 'report'")
+    (run_id,) = reports["run_id"]
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["layout"] == "table4"
+    assert "grid" not in run.data.tags  # that tag marks a grid's cells
+    client = mlflow.MlflowClient()
+    assert {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "figures")} == figures
+    tables = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "tables")}
+    assert {"table4.tex", "table4.csv", "table4.md", f"table4-runtime-{SETTING}.tex"} <= tables
+    # The report run is never a cell, in this report or the next.
+    assert run_id not in set(report.gather_runs([K_EXPERIMENT])["run_id"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,11 +352,16 @@ def test_csv_copies(store, tmp_path):
     (["--experiment", "missing"], "error: unknown experiment 'missing'"),
     (["--experiment", EXPERIMENT, "--format", "pdf"], "error: unknown format 'pdf'"),
     (["--experiment", EXPERIMENT, "--gm", "mean"], "error: unknown GM form 'mean'"),
+    (["--grid", "no-such-spec.yaml"], "error: spec file not found: no-such-spec.yaml"),
+    (["--grid", "{table2}", "--experiment", EXPERIMENT],
+     "error: no finished run of grid 'table2' (6 cells) in experiment 'report_tests'"),
 ])
-def test_errors_are_one_line(store, capsys, argv, message):
-    assert report.main(argv) == 2
+def test_errors_are_one_line(store, capsys, tmp_path, argv, message):
+    argv = [arg.format(**store.specs) for arg in argv]
+    assert report.main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_latex_escape():
@@ -166,12 +369,17 @@ def test_latex_escape():
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
-def test_latex_compiles(store, tmp_path):
-    assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path)]) == 0
+def test_latex_compiles(store, table2_out, table4_out, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--format",
+                        "latex", "--no-log"]) == 0
+    for folder in (table2_out, table4_out):
+        for path in folder.glob("*.tex"):
+            shutil.copy(path, tmp_path)
     inputs = "\n".join(rf"\input{{{path.name}}}" for path in sorted(tmp_path.glob("*.tex")))
+    assert inputs.count(r"\input") == 6
     (tmp_path / "doc.tex").write_text(
-        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-        f"{inputs}\n\\end{{document}}\n")
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+        f"\\begin{{document}}\n{inputs}\n\\end{{document}}\n")
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]

@@ -28,7 +28,7 @@ def split_balanced_test(images: np.ndarray, labels: np.ndarray, per_class: int,
 class Digits(DatasetSource):
     """scikit-learn's 1,797 handwritten digits (8x8 grey); 50 test images per class."""
 
-    defaults = DatasetDefaults(epochs=30, batch_size=64, image_size=8, ratio=10,
+    defaults = DatasetDefaults(epochs=60, batch_size=64, image_size=8, ratio=10,
                                hflip=False, crop_padding=1)
 
     def load(self) -> tuple[ImageSet, ImageSet]:

@@ -25,8 +25,12 @@ class TorchvisionSource(DatasetSource):
 
     title: str  # the dataset's name as people write it
 
+    torchvision_name: str  # the class in torchvision.datasets
+
     def torchvision_class(self) -> type:
-        raise NotImplementedError
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.torchvision_name)
 
     def expected_files(self, dataset_class: type) -> list[str]:
         """The files the dataset reads, relative to ``data_root``."""
@@ -81,10 +85,7 @@ class Cifar10(Cifar):
     defaults = DatasetDefaults(epochs=200, batch_size=128, image_size=32, ratio=100,
                                hflip=True, crop_padding=4)
 
-    def torchvision_class(self) -> type:
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10
+    torchvision_name = "CIFAR10"
 
 
 @DATASETS.register("cifar100")
@@ -95,10 +96,7 @@ class Cifar100(Cifar):
     defaults = DatasetDefaults(epochs=200, batch_size=128, image_size=32, ratio=10,
                                hflip=True, crop_padding=4)
 
-    def torchvision_class(self) -> type:
-        from torchvision.datasets import CIFAR100
-
-        return CIFAR100
+    torchvision_name = "CIFAR100"
 
 
 @DATASETS.register("svhn")
@@ -116,10 +114,7 @@ class Svhn(TorchvisionSource):
     splits = ("train", "test")
     classes = [str(digit) for digit in range(10)]  # torchvision maps label 10 to digit 0
 
-    def torchvision_class(self) -> type:
-        from torchvision.datasets import SVHN
-
-        return SVHN
+    torchvision_name = "SVHN"
 
     def expected_files(self, dataset_class: type) -> list[str]:
         return [dataset_class.split_list[split][1] for split in self.splits]
