@@ -317,7 +317,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True,
              tags: dict[str, str] | None = None, evaluate_test: bool = True,
-             on_head_epoch: Callable[[int, float], None] | None = None) -> dict:
+             on_head_epoch: Callable[[int, float], None] | None = None,
+             run_name: str | None = None) -> dict:
     """Run one cell end to end and log it; returns its metrics, run id and provenance.
 
     Everything a user can get wrong (names, numbers, missing data, an empty class) is checked
@@ -338,7 +339,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
     model = build_model(cfg, data, loss, device) if source_run is None else None
 
-    run_name = f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
+    run_name = run_name or f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
     with tracking.TrackedRun(cfg.experiment, run_name, {
             tracking.TAG_PHASE1_KEY: key, "method": cfg.method, "loss": cfg.loss,
             "dataset": cfg.dataset, "backbone": cfg.backbone, **(tags or {})}) as run:

@@ -298,7 +298,7 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
         tags = {TAG_STUDY: spec.name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial"}
         try:
             result = run_cell(spec.config(params), progress=False, evaluate_test=False,
-                              on_head_epoch=report, tags=tags)
+                              on_head_epoch=report, tags=tags, run_name=f"trial-{trial.number}")
         except _Pruned:
             raise optuna.TrialPruned() from None
         tracking.set_run_tags(result["run_id"], {TAG_TRIAL_STATE: "COMPLETE"})
@@ -344,7 +344,8 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
         else:
             result = run_cell(spec.config(best.params), progress=False,
                               tags={TAG_STUDY: spec.name, TAG_ROLE: "final",
-                                    "best.trial": str(best.number)})
+                                    "best.trial": str(best.number)},
+                              run_name=f"best-trial-{best.number}-on-test")
             final_run, final_metrics = result["run_id"], result["metrics"]
         parent.log_metrics({f"final_{k}": v for k, v in final_metrics.items()
                             if k.startswith("test_") and "class" not in k})

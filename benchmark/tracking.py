@@ -193,6 +193,8 @@ def find_phase1_run(key: str) -> str | None:
 def download_artifacts(run_id: str, artifact_path: str) -> Path:
     """Local copy of a run's artifact folder (in a fresh temporary directory)."""
     target = tempfile.mkdtemp(prefix="benchmark-")
+    # A cached phase 1 is a few files: MLflow's own progress bar would only clutter ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     path = _mlflow().artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                    dst_path=target)
     return Path(path)
