@@ -310,6 +310,10 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
     with tracking.TrackedRun(spec.experiment, f"study-{spec.name}",
                              {TAG_STUDY: spec.name, TAG_ROLE: "study"},
                              resume_run_id=parents[0].info.run_id if parents else None) as parent:
+        parent.log_params({"study": spec.name, "trials": target, "cell": spec.cell,
+                           "search_space": spec.space, "sampler": spec.sampler,
+                           "pruner": spec.pruner, "storage": storage or spec.storage or
+                           DEFAULT_JOURNAL, "objective": "validation BAC (maximize)"})
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -333,7 +337,10 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
         if bar is not None:
             bar.close()
         best = study.best_trial
-        parent.log_metrics({"best_val_bac": best.value, "completed_trials": completed()})
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        parent.log_metrics({"best_val_bac": best.value, "completed_trials": completed(),
+                            "pruned_trials": states.count(optuna.trial.TrialState.PRUNED),
+                            "failed_trials": states.count(optuna.trial.TrialState.FAIL)})
         parent.set_tags({f"best.{k}": str(v) for k, v in best.params.items()}
                         | {"best.trial": str(best.number)})
         finals = tracking.find_runs(spec.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
