@@ -35,7 +35,6 @@ class CellData:
     train: ImageSet
     val: ImageSet
     test: ImageSet
-    subset_indices: np.ndarray  # into the dataset's training pool: train and val together
     train_indices: np.ndarray  # into the training pool: what phase 1 trains on
     profile_counts: list[int]
     mean: torch.Tensor
@@ -73,7 +72,7 @@ def prepare_data(cfg: RunConfig) -> CellData:
     train = pool.subset(torch.from_numpy(subset[keep]))
     pixels = train.images.float().div_(255).transpose(0, 1).flatten(1)
     return CellData(train=train, val=pool.subset(torch.from_numpy(subset[held])), test=test,
-                    subset_indices=subset, train_indices=subset[keep], profile_counts=counts,
+                    train_indices=subset[keep], profile_counts=counts,
                     mean=pixels.mean(1), std=pixels.std(1).clamp_min(1e-3))
 
 
@@ -220,7 +219,6 @@ def retrain_head(cfg: RunConfig, phase1: Phase1, loss: Loss, resampler, num_clas
     train_x, train_y = resampler.fit_resample(emb["train_x"], emb["train_y"])
     time_resample = time.perf_counter() - start
 
-    torch.manual_seed(cfg.seed)
     batches = TensorBatches(torch.as_tensor(train_x, dtype=torch.float32, device=device),
                             torch.as_tensor(train_y, dtype=torch.int64, device=device),
                             cfg.head_schedule.batch_size, torch.Generator().manual_seed(cfg.seed))

@@ -200,10 +200,6 @@ def download_artifacts(run_id: str, artifact_path: str) -> Path:
     return Path(path)
 
 
-def run_metrics(run_id: str) -> dict[str, float]:
-    return dict(_mlflow().get_run(run_id).data.metrics)
-
-
 def tag_active_run(tags: dict[str, str]) -> None:
     _mlflow().set_tags(tags)
 
