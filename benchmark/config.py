@@ -127,4 +127,6 @@ def check_loss_params(cfg: RunConfig) -> None:
     try:
         LOSSES.create(cfg.loss, class_counts=[2, 1], schedule=cfg.schedule, **cfg.loss_params)
     except TypeError as err:
-        raise UserError(f"loss '{cfg.loss}': {err}") from None
+        # "...__init__() got an unexpected keyword argument 'gama'" -> the argument's name
+        name = str(err).rsplit(" ", 1)[-1] if "unexpected keyword" in str(err) else str(err)
+        raise UserError(f"loss '{cfg.loss}' takes no parameter {name}") from None
