@@ -97,8 +97,10 @@ class RunConfig:
         return Schedule(epochs=self.head_epochs, lr=0.1, batch_size=128, warmup_fraction=0.0,
                         decay_fractions=(1.0, 1.0))
 
-    def phase1_identity(self, method_identity: dict) -> dict:
-        """Everything that determines the phase-1 model and its embeddings."""
+    def phase1_identity(self) -> dict:
+        """Everything that determines the phase-1 model and its embeddings (of a resolved
+        config); post-hoc methods add nothing, so they share one phase 1."""
+        method_identity = METHODS.create(self.method, **self.method_params).phase1_identity()
         return {
             "dataset": self.dataset, "image_size": self.image_size, "profile": self.profile,
             "ratio": self.ratio, "subset_seed": self.subset_seed,
@@ -109,8 +111,8 @@ class RunConfig:
             "code": f"{__version__}/{PHASE1_CODE_VERSION}",
         }
 
-    def phase1_key(self, method_identity: dict) -> str:
-        text = json.dumps(self.phase1_identity(method_identity), sort_keys=True, default=str)
+    def phase1_key(self) -> str:
+        text = json.dumps(self.phase1_identity(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def as_params(self) -> dict:

@@ -333,7 +333,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     loss = LOSSES.create(cfg.loss, class_counts=data.class_counts, schedule=cfg.schedule,
                          **cfg.loss_params)
     resampler = method.embedding_resampler(random_state=cfg.seed)
-    key = cfg.phase1_key(method.phase1_identity())
+    key = cfg.phase1_key()
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
     model = build_model(cfg, data, loss, device) if source_run is None else None
 

@@ -966,7 +966,7 @@ def scope_of(args: argparse.Namespace) -> Scope:
     from benchmark.studies import Grid, cell_key
 
     grid = Grid.from_spec(args.grid)
-    keys = {cell_key(cfg.resolved()) for cfg in grid.cells}
+    keys = {cell_key(cfg) for cfg in grid.cells}
     return Scope(experiments or [grid.experiment], keys, grid.name,
                  PAPER_LAYOUTS.get(grid.name, GENERIC))
 

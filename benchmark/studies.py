@@ -65,7 +65,8 @@ class Grid:
     """A grid spec: the product of its axes (datasets, losses, methods, backbones, ratios,
     seeds, and any method parameter given as a list under ``method_params``), with
     ``settings`` fixed for every cell.  ``blocks`` (optional) is a list of partial specs, each
-    overriding the top level, for tables whose rows differ (CelebA on ResNet-56, say)."""
+    overriding the top level, for tables whose rows differ (CelebA on ResNet-56, say).
+    ``cells`` are resolved (defaults filled in, every value checked) and unique."""
 
     name: str
     experiment: str
@@ -87,13 +88,9 @@ class Grid:
             merged = {**spec, **block, "settings": {**spec.get("settings", {}),
                                                     **block.get("settings", {})}}
             cells.extend(cls._cells(merged, experiment, overrides or {}, str(path)))
-        seen, unique = set(), []
-        for cfg in cells:
-            key = cell_key(cfg.resolved())
-            if key not in seen:
-                seen.add(key)
-                unique.append(cfg)
-        return cls(name=name, experiment=experiment, cells=unique)
+        # Resolving checks every cell, so a mistake in the spec shows before anything runs.
+        unique = {cell_key(cfg): cfg for cfg in (c.resolved() for c in cells)}
+        return cls(name=name, experiment=experiment, cells=list(unique.values()))
 
     @staticmethod
     def _cells(spec: dict, experiment: str, overrides: dict, where: str) -> Iterator[RunConfig]:
@@ -126,12 +123,7 @@ def finished_cell_keys(experiment: str) -> set[str]:
 def order_for_sharing(cells: list[RunConfig]) -> list[RunConfig]:
     """Cells that share a phase 1 run back to back, so it is trained once and then reused
     from memory."""
-    def phase1_key(cfg: RunConfig) -> str:
-        resolved = cfg.resolved()
-        return resolved.phase1_key(METHODS.create(resolved.method,
-                                                  **resolved.method_params).phase1_identity())
-
-    return sorted(cells, key=phase1_key)
+    return sorted(cells, key=RunConfig.phase1_key)
 
 
 def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True) -> dict:
@@ -141,30 +133,26 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
     from benchmark.pipeline import run_cell
 
     grid = Grid.from_spec(path, overrides)
-    for cfg in grid.cells:  # every mistake in the spec shows before the first cell runs
-        cfg.resolved()
     done = finished_cell_keys(grid.experiment)
-    todo = [cfg for cfg in grid.cells if cell_key(cfg.resolved()) not in done]
-    todo = order_for_sharing(todo)
+    todo = order_for_sharing([cfg for cfg in grid.cells if cell_key(cfg) not in done])
     counts = {"cells": len(grid.cells), "already_finished": len(grid.cells) - len(todo),
               "ran": 0, "failed": 0, "phase1_trained": 0}
     bar = tqdm(todo, desc=f"grid {grid.name}", unit="cell", disable=not progress or not todo,
                dynamic_ncols=True)
     for cfg in bar:
-        resolved = cfg.resolved()
-        bar.set_postfix_str(f"{resolved.dataset}/{resolved.loss}/{resolved.method}/s{resolved.seed}")
+        bar.set_postfix_str(f"{cfg.dataset}/{cfg.loss}/{cfg.method}/s{cfg.seed}")
         try:
-            result = run_cell(cfg, progress=False, tags={TAG_CELL: cell_key(resolved),
+            result = run_cell(cfg, progress=False, tags={TAG_CELL: cell_key(cfg),
                                                          TAG_GRID: grid.name})
         except DivergenceError as err:
             counts["failed"] += 1
-            tqdm.write(f"cell failed ({resolved.method}, {resolved.loss}, seed {resolved.seed}):"
-                       f" {err}", file=sys.stderr)
+            tqdm.write(f"cell failed ({cfg.method}, {cfg.loss}, seed {cfg.seed}): {err}",
+                       file=sys.stderr)
             continue
         counts["ran"] += 1
         counts["phase1_trained"] += not result["phase1_reused"]
         m = result["metrics"]
-        tqdm.write(f"{resolved.dataset} {resolved.loss} {resolved.method} seed {resolved.seed}: "
+        tqdm.write(f"{cfg.dataset} {cfg.loss} {cfg.method} seed {cfg.seed}: "
                    f"BAC {m['test_bac']:.4f} GM {m['test_gm_macro']:.4f} "
                    f"F1 {m['test_f1_macro']:.4f} (run {result['run_id']})")
     counts["experiment"] = grid.experiment

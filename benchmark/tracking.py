@@ -1,6 +1,7 @@
 """The only module that talks to MLflow: runs, their end states, artifacts and the stage cache."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ def _mlflow():
     return mlflow
 
 
+@functools.lru_cache(maxsize=1)  # one git call per process, not one per run
 def code_version() -> str:
     """Package version plus the git commit of the working tree, when there is one."""
     try:
