@@ -1,2 +1,2 @@
 """Comparators of the suite, each registered into the engine's registries on import."""
-from baselines import losses, samplers  # noqa: F401
+from baselines import losses, mixing, presamplers, samplers  # noqa: F401

@@ -10,6 +10,8 @@ class EmbeddingSMOTE(EmbeddingResampling):
     """SMOTE on the training embeddings (imbalanced-learn), then the head is retrained."""
 
     sampler = "imblearn.over_sampling:SMOTE"
+    # Neighbours are searched inside each class to over-sample.
+    neighbour_params = ("k_neighbors",)
 
 
 @METHODS.register("bsmote")
@@ -17,6 +19,8 @@ class EmbeddingBorderlineSMOTE(EmbeddingResampling):
     """Borderline-SMOTE on the training embeddings (imbalanced-learn), then the head is retrained."""
 
     sampler = "imblearn.over_sampling:BorderlineSMOTE"
+    # Neighbours are searched inside each class to over-sample.
+    neighbour_params = ("k_neighbors",)
 
 
 @METHODS.register("balsvm")
@@ -24,3 +28,5 @@ class EmbeddingBalancedSVM(EmbeddingResampling):
     """Balanced SVM (imbalanced-learn's SVMSMOTE) on the training embeddings, then the head is retrained."""
 
     sampler = "imblearn.over_sampling:SVMSMOTE"
+    # Neighbours are searched inside each class to over-sample.
+    neighbour_params = ("k_neighbors",)

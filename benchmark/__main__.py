@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from benchmark.errors import DivergenceError, UserError
+from benchmark.methods import DEFAULT_METHOD
 
 DESCRIPTION = "Benchmark EOS and its rivals on imbalanced image data; every run is logged to MLflow."
 
@@ -54,17 +55,23 @@ def _key_value(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), yaml.safe_load(value)
 
 
+def _key_values(text: str) -> list[tuple[str, object]]:
+    """'KEY=VALUE KEY=VALUE' (MLproject's one parameter); empty or 'default': none."""
+    if text in ("", "default", "none", "None"):
+        return []
+    return [_key_value(part) for part in text.replace(",", " ").split()]
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of one benchmark cell (shared by ``run`` and the MLproject entry point)."""
     p = parser
-    p.add_argument("--method", default="eos", help="method name (see `list`); default eos")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"method name (see `list`); default {DEFAULT_METHOD}")
     p.add_argument("--dataset", default="digits", help="dataset name; default digits")
     p.add_argument("--loss", default="ce", help="phase-1 loss; default ce")
     p.add_argument("--backbone", default="resnet32", help="backbone; default resnet32")
     p.add_argument("--epochs", type=_optional_positive_int, default=None,
                    help="phase-1 epochs (default: the dataset's)")
-    p.add_argument("--head-epochs", type=_positive_int, default=10,
-                   help="phase-3 epochs of head retraining; default 10")
     p.add_argument("--batch-size", type=_optional_positive_int, default=None)
     p.add_argument("--lr", type=float, default=0.1, help="phase-1 learning rate; default 0.1")
     p.add_argument("--image-size", type=_optional_positive_int, default=None)
@@ -76,14 +83,28 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                    help="imbalance profile: exp, step or natural (default: the dataset's)")
     p.add_argument("--ratio", type=_optional_float, default=None,
                    help="imbalance ratio n_max / n_min (default: the dataset's)")
+    p.add_argument("--validation", default="auto", choices=("auto", "balanced", "fraction"),
+                   help="validation set: balanced (--val-per-class images of every class from "
+                        "the pool's unused images), fraction (--val-fraction of the training "
+                        "subset, stratified) or auto (balanced where the pool has images to "
+                        "spare); default auto")
+    p.add_argument("--val-per-class", type=_positive_int, default=20,
+                   help="validation images per class (balanced validation); default 20")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of the training subset held out for validation; default 0.2")
-    p.add_argument("--k-neighbors", type=_optional_positive_int, default=None,
-                   help="K of EOS / SMOTE-family samplers (default: the method's)")
-    p.add_argument("--max-step", type=_optional_float, default=None,
-                   help="EOS: largest fraction of the way toward the enemy (default 1.0)")
+                   help="share of the training subset held out (fraction validation); "
+                        "default 0.2")
+    p.add_argument("--head-epochs", type=_positive_int, default=10,
+                   help="phase-3 epochs of head retraining; default 10")
+    p.add_argument("--head-recipe", default="continue", choices=("continue", "reference"),
+                   help="phase 3: continue from the phase-1 head at a constant lr (default), "
+                        "or the EOS reference's fresh head with a 5-epoch warm-up; both "
+                        "select the epoch on validation")
     p.add_argument("--method-param", type=_key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="any other method parameter")
+                   metavar="KEY=VALUE",
+                   help="a method parameter (repeatable); each method declares and checks "
+                        "its own (`list` names the methods)")
+    p.add_argument("--method-params", type=_key_values, default=[], metavar="'K=V K=V'",
+                   help="several method parameters in one string (as MLproject passes them)")
     p.add_argument("--loss-param", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="a loss parameter, e.g. gamma=2")
     p.add_argument("--backbone-param", type=_key_value, action="append", default=[],
@@ -104,14 +125,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def configs_from_args(args: argparse.Namespace):
     from benchmark.config import RunConfig
 
-    method_params = {"k_neighbors": args.k_neighbors, "max_step": args.max_step,
-                     **dict(args.method_param)}
+    method_params = {**dict(args.method_params), **dict(args.method_param)}
     for seed in [s for group in args.seeds for s in group]:
         yield RunConfig(
             dataset=args.dataset, method=args.method, loss=args.loss, backbone=args.backbone,
             epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
             lr=args.lr, image_size=args.image_size, profile=args.profile, ratio=args.ratio,
-            subset_seed=args.subset_seed, seed=seed, val_fraction=args.val_fraction,
+            subset_seed=args.subset_seed, seed=seed, validation=args.validation,
+            val_per_class=args.val_per_class, val_fraction=args.val_fraction,
+            head_recipe=args.head_recipe,
             method_params=method_params, loss_params=dict(args.loss_param),
             backbone_params=dict(args.backbone_param),
             data_root=args.data_root, download=args.download, device=args.device,
@@ -128,13 +150,16 @@ def summary_line(result: dict) -> str:
             f"in {m['time_wall_s']:.1f} s{reused}")
 
 
+def check_run(args: argparse.Namespace) -> None:
+    for cfg in configs_from_args(args):  # every mistake is reported before the first run starts
+        cfg.resolved()
+
+
 def command_run(args: argparse.Namespace) -> int:
     from benchmark import tracking
     from benchmark.pipeline import run_cell
 
     configs = list(configs_from_args(args))
-    for cfg in configs:  # every mistake is reported before the first run starts
-        cfg.resolved()
     for cfg in configs:
         result = run_cell(cfg, reuse_phase1=not args.no_cache, progress=not args.quiet)
         print(summary_line(result), flush=True)
@@ -158,14 +183,12 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_grid(args: argparse.Namespace) -> int:
-    from benchmark.studies import run_grid
+    from benchmark.studies import grid_summary, run_grid
 
     overrides = {"device": args.device, **({"data_root": args.data_root} if args.data_root else {}),
                  **({"download": True} if args.download else {})}
     counts = run_grid(args.spec, overrides, progress=not args.quiet)
-    print(f"grid: {counts['cells']} cells, {counts['already_finished']} already finished, "
-          f"{counts['ran']} run now ({counts['phase1_trained']} phase-1 trainings), "
-          f"{counts['failed']} failed; experiment '{counts['experiment']}'")
+    print(grid_summary(counts))
     return 1 if counts["failed"] else 0
 
 
@@ -184,6 +207,21 @@ def command_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_clean(args: argparse.Namespace) -> int:
+    from benchmark import tracking
+
+    marked, left = tracking.mark_dead_runs()
+    for run in marked:
+        print(run.describe())
+    print(f"clean: {len(marked)} run(s) marked KILLED, {left} still running in "
+          f"{tracking.tracking_uri()}")
+    return 0
+
+
+# The commands that write to the tracking store, which is checked before they start.
+STORE_COMMANDS = ("run", "grid", "tune", "clean")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmark", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=command_list)
     run = sub.add_parser("run", help="run benchmark cells (one per seed) and log them to MLflow")
     add_run_options(run)
-    run.set_defaults(handler=command_run)
+    run.set_defaults(handler=command_run, precheck=check_run)
     grid = sub.add_parser("grid", help="run the cells of a grid spec that have no finished run")
     grid.add_argument("spec", help="grid spec (YAML), e.g. studies/smoke.yaml")
     grid.add_argument("--data-root", type=_optional_text, default=None)
@@ -208,12 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="completed trials to reach (default: the spec's)")
     tune.add_argument("--quiet", action="store_true")
     tune.set_defaults(handler=command_tune)
+    clean = sub.add_parser("clean", help="mark KILLED the runs left RUNNING by a process that "
+                                         "was killed (every run/grid/tune does this first)")
+    clean.set_defaults(handler=command_clean)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "precheck", None) is not None:
+            args.precheck(args)  # a mistake in the command itself leaves no store behind
+        if args.command in STORE_COMMANDS:
+            from benchmark import tracking
+
+            tracking.prepare_store(mark_dead=args.command != "clean")
         return args.handler(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -87,6 +87,25 @@ class Loss(nn.Module):
         sample_weights = self.balanced_weights[targets]
         return (sample_weights * losses).sum() / sample_weights.sum()
 
+    def mixed(self, logits: torch.Tensor, targets_a: torch.Tensor, targets_b: torch.Tensor,
+              weight_a: torch.Tensor) -> torch.Tensor:
+        """The loss of mixed inputs in the label-weight form: per sample
+        ``w * L(out, y_a) + (1 - w) * L(out, y_b)`` with ``w = weight_a`` (per sample, so
+        Remix's rebalanced weights and mixup's lambda go the same way; with a constant lambda
+        and no class weights it is exactly ``lam * loss(out, y_a) + (1 - lam) * loss(out,
+        y_b)``).  Class weights in force (class-balanced, DRW) weight each label's term by its
+        own class and normalise by the batch's summed weights, as ``forward`` does."""
+        if self.balanced_weights.device != logits.device:
+            self.to(logits.device)
+        logits = logits.float()
+        loss_a, loss_b = self.per_sample(logits, targets_a), self.per_sample(logits, targets_b)
+        weight_a = weight_a.to(logits.device, torch.float32).expand_as(loss_a)
+        if not self.reweighting:
+            return (weight_a * loss_a + (1 - weight_a) * loss_b).mean()
+        term_a = weight_a * self.balanced_weights[targets_a]
+        term_b = (1 - weight_a) * self.balanced_weights[targets_b]
+        return (term_a * loss_a + term_b * loss_b).sum() / (term_a + term_b).sum()
+
     def head_loss(self) -> nn.Module:
         """The loss for retraining the head in phase 3: plain cross-entropy, as the EOS
         reference does; a loss whose head needs another (a scaled cosine head) overrides it."""

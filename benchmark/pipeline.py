@@ -1,9 +1,12 @@
-"""The stages of one benchmark cell: data, phase 1 (cached), embeddings, phase 3, evaluation."""
+"""The stages of one benchmark cell: data, training set, phase 1 (cached), phase 2, phase 3, test."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -15,34 +18,23 @@ import numpy as np
 import torch
 
 from benchmark import tracking
-from benchmark.config import RunConfig
+from benchmark.cell import Cell, CellData
+from benchmark.config import SUITE_BACKBONE_ARGS, RunConfig
 from benchmark.data import ImageSet
-from benchmark.data.profiles import check_counts, draw_per_class, fingerprint, profile_counts, stratified_split
+from benchmark.data.profiles import (balanced_validation, check_counts, choose_validation,
+                                     draw_per_class, fingerprint, profile_counts,
+                                     stratified_split)
 from benchmark.errors import UserError
 from benchmark.losses import Loss
 from benchmark.metrics import balanced_accuracy, confusion, generalization_gap, scores_from_confusion
 from benchmark.models import Classifier
-from benchmark.registry import BACKBONES, DATASETS, LOSSES, METHODS
+from benchmark.registry import BACKBONES, DATASETS, LOSSES
 from benchmark.train import Augment, TensorBatches, fit, predict
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class CellData:
-    """The images of one cell: long-tailed training subset, validation split, balanced test."""
-
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    train_indices: np.ndarray  # into the training pool: what phase 1 trains on
-    profile_counts: list[int]
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    @property
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.train.labels, minlength=self.train.num_classes).tolist()
+# Phase 1 saves a checkpoint to its run at most this often (seconds; 0: every epoch), so a
+# killed cell resumes from there.  Set by the environment for tests and long clusters.
+CHECKPOINT_SECONDS = float(os.environ.get("BENCHMARK_CHECKPOINT_SECONDS", "300"))
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -60,7 +52,20 @@ def load_dataset(name: str, root: str | None, download: bool) -> tuple[ImageSet,
 
 
 def prepare_data(cfg: RunConfig) -> CellData:
+    """The long-tailed training subset, the validation set and the test set of a cell.
+
+    The validation set is ``cfg.validation``: ``balanced`` draws ``val_per_class`` images of
+    every class from the pool's images the subset did not use (a class without enough spare
+    images, the head class, gives the shortfall from its subset; every other class trains on
+    exactly its profile count); ``fraction`` holds out a stratified ``val_fraction`` of the
+    subset; ``auto`` takes ``balanced`` where the pool has images to spare (see
+    ``choose_validation``).  Both draws use the subset seed: the same for every training seed
+    and method of a cell."""
     pool, test = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    if pool.num_classes < 2:
+        raise UserError(f"dataset '{cfg.dataset}' has {pool.num_classes} class"
+                        f"{'' if pool.num_classes == 1 else 'es'} ({', '.join(pool.classes)}); "
+                        f"classification needs at least 2")
     pool = ImageSet(resize(pool.images, cfg.image_size), pool.labels, pool.classes)
     test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
     labels = pool.labels.numpy()
@@ -68,12 +73,21 @@ def prepare_data(cfg: RunConfig) -> CellData:
     counts = profile_counts(cfg.profile, available.tolist(), cfg.ratio)
     check_counts(counts, pool.classes)
     subset = draw_per_class(labels, counts, seed=cfg.subset_seed)
-    keep, held = stratified_split(labels[subset], cfg.val_fraction, seed=cfg.subset_seed)
-    train = pool.subset(torch.from_numpy(subset[keep]))
+    mode, note = cfg.validation, ""
+    if mode == "auto":
+        mode, note = choose_validation(labels, subset, cfg.val_per_class)
+    if mode == "balanced":
+        train_idx, val_idx = balanced_validation(labels, subset, cfg.val_per_class,
+                                                 seed=cfg.subset_seed)
+    else:
+        keep, held = stratified_split(labels[subset], cfg.val_fraction, seed=cfg.subset_seed)
+        train_idx, val_idx = subset[keep], subset[held]
+    train = pool.subset(torch.from_numpy(train_idx))
     pixels = train.images.float().div_(255).transpose(0, 1).flatten(1)
-    return CellData(train=train, val=pool.subset(torch.from_numpy(subset[held])), test=test,
-                    train_indices=subset[keep], profile_counts=counts,
-                    mean=pixels.mean(1), std=pixels.std(1).clamp_min(1e-3))
+    return CellData(train=train, val=pool.subset(torch.from_numpy(val_idx)), test=test,
+                    train_indices=train_idx, val_indices=val_idx, profile_counts=counts,
+                    mean=pixels.mean(1), std=pixels.std(1).clamp_min(1e-3), validation=mode,
+                    validation_note=note)
 
 
 def pick_device(name: str) -> torch.device:
@@ -104,30 +118,117 @@ class Phase1:
 
     embeddings: dict[str, np.ndarray]  # {split}_x, {split}_y
     state_dict: dict[str, torch.Tensor]  # extractor.* and head.*
-    summary: dict  # best epoch, validation BAC, timings, embedding size
+    summary: dict  # best epoch, validation BAC, timings, embedding size, what it was trained on
     run_id: str
 
 
-def build_model(cfg: RunConfig, data: CellData, loss: Loss, device: torch.device) -> Classifier:
-    """The phase-1 model, seeded; built before the run starts so a bad backbone name or
-    parameter leaves no run behind."""
+def build_model(cell: Cell) -> Classifier:
+    """The phase-1 model, seeded, with the method's changes; built before the run starts so a
+    bad backbone name or parameter leaves no run behind."""
+    cfg, data = cell.cfg, cell.data
     torch.manual_seed(cfg.seed)
     extractor = BACKBONES.create(cfg.backbone, in_channels=data.train.images.shape[1],
                                  image_size=cfg.image_size, **cfg.backbone_params)
-    model = Classifier(extractor, loss.make_head(extractor.embedding_dim, data.train.num_classes))
-    channels_last = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    return model.to(device, memory_format=channels_last)
+    model = Classifier(extractor, cell.loss.make_head(extractor.embedding_dim,
+                                                      data.train.num_classes))
+    model = cell.method.build_model(cell, model)
+    channels_last = torch.channels_last if cell.device.type == "cuda" else torch.preserve_format
+    return model.to(cell.device, memory_format=channels_last)
 
 
-def train_phase1(cfg: RunConfig, data: CellData, model: Classifier, loss: Loss,
-                 device: torch.device, run: tracking.TrackedRun, progress: bool) -> Phase1:
-    generator = torch.Generator().manual_seed(cfg.seed)
+def normalizer(cell: Cell) -> "Normalize":
+    return Normalize(cell.data.mean, cell.data.std, cell.device,
+                     channels_last=cell.device.type == "cuda")
+
+
+# Training-set stage ---------------------------------------------------------------------------
+@dataclass
+class TrainingSet:
+    """The images phase 1 trains on: the real subset, then what the method added."""
+
+    images: ImageSet
+    synthetic_counts: list[int]
+    seconds: float
+    run_id: str | None  # the run that computed it, when loaded from the cache
+
+
+_TRAINING_SET_MEMO: OrderedDict[str, TrainingSet] = OrderedDict()
+
+
+def training_set_stage(cell: Cell, key: str | None) -> TrainingSet:
+    """The method's training set: computed, or loaded from the run that computed it for the
+    same key (before the run starts: a mismatch leaves no run behind)."""
+    real = cell.data.train
+    if key is None:
+        return TrainingSet(real, [0] * real.num_classes, 0.0, None)
+    if key in _TRAINING_SET_MEMO:
+        return _TRAINING_SET_MEMO[key]
+    source = tracking.find_stage_run("training_set", key)
+    if source is not None:
+        folder = tracking.download_artifacts(source, "training_set")
+        with np.load(folder / "synthetic.npz") as npz:
+            images, labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"])
+        summary = json.loads((folder / "summary.json").read_text())
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        if summary["real_class_counts"] != cell.data.class_counts or \
+                list(images.shape[1:]) != list(real.images.shape[1:]):
+            raise UserError(f"the cached training set of run {source} does not match this cell "
+                            f"(class counts {summary['real_class_counts']} vs "
+                            f"{cell.data.class_counts}); rerun with --no-cache")
+        combined = ImageSet(torch.cat([real.images, images]), torch.cat([real.labels, labels]),
+                            real.classes)
+        result = TrainingSet(combined, summary["synthetic_counts"], summary["seconds"], source)
+    else:
+        start = time.perf_counter()
+        combined = cell.method.prepare_training_set(cell, real)
+        seconds = time.perf_counter() - start
+        synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
+                     - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
+        result = TrainingSet(combined, synthetic, seconds, None)
+    _TRAINING_SET_MEMO[key] = result
+    while len(_TRAINING_SET_MEMO) > 2:
+        _TRAINING_SET_MEMO.popitem(last=False)
+    return result
+
+
+def log_training_set(cell: Cell, key: str | None, training_set: TrainingSet) -> None:
+    """Record the training-set stage in the run: its figures and counts always; the synthetic
+    images themselves, and the stage's completion, when computed here (a run with another
+    training seed then reuses them)."""
+    run, real = cell.run, cell.data.train
+    if key is None:
+        return
+    run.set_tags({"training_set_key": key})
+    run.log_params({"train_synthetic_counts": training_set.synthetic_counts})
+    n_real = len(real)
+    with tempfile.TemporaryDirectory() as tmp:
+        cell.method.training_set_artifacts(cell, real, training_set.images, Path(tmp))
+        if training_set.run_id is None:
+            np.savez_compressed(Path(tmp, "synthetic.npz"),
+                                images=training_set.images.images[n_real:].numpy(),
+                                labels=training_set.images.labels[n_real:].numpy())
+            Path(tmp, "summary.json").write_text(json.dumps({
+                "real_class_counts": cell.data.class_counts,
+                "synthetic_counts": training_set.synthetic_counts,
+                "seconds": training_set.seconds}, indent=1))
+        run.log_artifacts(tmp, "training_set")
+    run.set_tags({"training_set_run_id": training_set.run_id or run.run_id})
+    if training_set.run_id is None:
+        run.set_tags({"training_set_complete": "true"})
+
+
+# Phase 1 --------------------------------------------------------------------------------------
+def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
+                 resume: dict | None = None) -> Phase1:
+    """Train extractor and head end to end on ``training``, checkpointing into the run; then
+    embed the real training subset, validation and test (phase 2)."""
+    cfg, data, device, run = cell.cfg, cell.data, cell.device, cell.run
+    generator = cell.generator("batches")
     cuda = device.type == "cuda"
-    extractor = model.extractor
-    normalize = Normalize(data.mean, data.std, device, channels_last=cuda)
+    normalize = normalizer(cell)
     defaults = DATASETS.get(cfg.dataset).defaults
     augment = Augment(padding=defaults.crop_padding, hflip=defaults.hflip)
-    batches = TensorBatches(data.train.images.to(device), data.train.labels.to(device),
+    batches = TensorBatches(training.images.to(device), training.labels.to(device),
                             cfg.batch_size, generator,
                             transform=lambda x, g: normalize(augment(x, g)))
     val_images, val_labels = data.val.images.to(device), data.val.labels.numpy()
@@ -139,12 +240,36 @@ def train_phase1(cfg: RunConfig, data: CellData, model: Classifier, loss: Loss,
     def log_epoch(epoch: int, record: dict) -> None:
         run.log_metrics({"phase1_train_loss": record["train_loss"],
                          "phase1_val_bac": record["val_bac"], "phase1_lr": record["lr"]}, step=epoch)
+        cell.method.on_epoch_end(cell, "phase1", epoch, record)
 
+    last_saved = time.monotonic()
+
+    def checkpoint(epoch: int, state: Callable[[], dict]) -> None:
+        nonlocal last_saved
+        if time.monotonic() - last_saved < CHECKPOINT_SECONDS:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({**state(), "elapsed": time.perf_counter() - start + elapsed_before},
+                       Path(tmp, "state.pt"))
+            run.flush()  # the curves up to the checkpoint belong with it
+            run.log_artifact(Path(tmp, "state.pt"), "checkpoint")
+        run.set_tags({tracking.TAG_CHECKPOINT_EPOCH: str(epoch)})
+        last_saved = time.monotonic()
+
+    elapsed_before = 0.0
+    if resume is not None:
+        elapsed_before = resume.get("elapsed", 0.0)
+        for record in resume["history"]:  # the resumed run's curves start at epoch 1 too
+            run.log_metrics({"phase1_train_loss": record["train_loss"],
+                             "phase1_val_bac": record["val_bac"], "phase1_lr": record["lr"]},
+                            step=record["epoch"])
     start = time.perf_counter()
     trained = torch.compile(model) if cfg.compile else model  # shares model's parameters
-    result = fit(trained, batches, loss, cfg.schedule, validate, on_epoch=log_epoch,
-                 progress="phase 1" if progress else None, amp=cuda)
-    time_phase1 = time.perf_counter() - start
+    result = fit(trained, batches, cell.loss, cfg.schedule, validate, on_epoch=log_epoch,
+                 progress="phase 1" if cell.progress else None, amp=cuda,
+                 step=cell.method.train_step(cell), generators=cell.generators,
+                 resume=resume, checkpoint=checkpoint)
+    cell.timings["phase1"] = time.perf_counter() - start + elapsed_before
 
     start = time.perf_counter()
     embeddings = {}
@@ -153,11 +278,15 @@ def train_phase1(cfg: RunConfig, data: CellData, model: Classifier, loss: Loss,
         embeddings[f"{split}_x"] = predict(model.extractor, images.images.to(device),
                                            transform=normalize).numpy()
         embeddings[f"{split}_y"] = images.labels.numpy()
-    time_phase2 = time.perf_counter() - start
+    cell.timings["phase2"] = time.perf_counter() - start
 
     summary = {"best_epoch": result.best_epoch, "best_val_bac": result.best_score,
-               "time_phase1_s": time_phase1, "time_phase2_s": time_phase2,
-               "embedding_dim": extractor.embedding_dim}
+               "time_phase1_s": cell.timings["phase1"], "time_phase2_s": cell.timings["phase2"],
+               "embedding_dim": model.extractor.embedding_dim, **cell_facts(cell),
+               "time_training_set_s": cell.timings.get("training_set", 0.0),
+               "synthetic_images": (
+                   torch.bincount(training.labels, minlength=data.train.num_classes)
+                   - torch.bincount(data.train.labels, minlength=data.train.num_classes)).tolist()}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp, "model.pt"))
@@ -170,6 +299,32 @@ def train_phase1(cfg: RunConfig, data: CellData, model: Classifier, loss: Loss,
     phase1 = Phase1(embeddings, state, summary, run.run_id)
     remember_phase1(phase1)
     return phase1
+
+
+def cell_facts(cell: Cell) -> dict:
+    """What a cached phase 1 must agree with before another cell may use it."""
+    return {"classes": list(cell.data.train.classes),
+            "train_class_counts": cell.data.class_counts,
+            "val_class_counts": cell.data.val_class_counts,
+            "n_test": len(cell.data.test)}
+
+
+def check_phase1(phase1: Phase1, cell: Cell) -> None:
+    """A loaded phase 1 must have been trained on this cell's data: same classes, counts and
+    split sizes, embeddings of the right shape.  One line if not, before the run starts."""
+    expected, problems = cell_facts(cell), []
+    for name, value in expected.items():
+        if name in phase1.summary and phase1.summary[name] != value:
+            problems.append(f"{name} {phase1.summary[name]} vs {value}")
+    emb = phase1.embeddings
+    for split in SPLITS:
+        n = len(getattr(cell.data, split))
+        if emb[f"{split}_x"].shape != (n, phase1.summary["embedding_dim"]):
+            problems.append(f"{split} embeddings {emb[f'{split}_x'].shape} vs "
+                            f"({n}, {phase1.summary['embedding_dim']})")
+    if problems:
+        raise UserError(f"the cached phase 1 of run {phase1.run_id} does not match this cell "
+                        f"({'; '.join(problems[:2])}); rerun with --no-cache")
 
 
 # Phase-1 results this process already holds, by the run that trained them: a grid or a study
@@ -185,9 +340,8 @@ def remember_phase1(phase1: Phase1) -> None:
         _PHASE1_MEMO.popitem(last=False)
 
 
-def load_phase1(run_id: str, run: tracking.TrackedRun) -> Phase1:
+def load_phase1(run_id: str) -> Phase1:
     """The phase-1 artifacts of ``run_id`` (from memory when this process has them)."""
-    run.set_tags({tracking.TAG_PHASE1_RUN: run_id})
     if run_id in _PHASE1_MEMO:
         _PHASE1_MEMO.move_to_end(run_id)
         return _PHASE1_MEMO[run_id]
@@ -202,22 +356,37 @@ def load_phase1(run_id: str, run: tracking.TrackedRun) -> Phase1:
     return phase1
 
 
-def retrain_head(cfg: RunConfig, phase1: Phase1, loss: Loss, resampler, num_classes: int,
-                 device: torch.device, run: tracking.TrackedRun, progress: bool,
+def load_checkpoint(run_id: str) -> dict:
+    folder = tracking.download_artifacts(run_id, "checkpoint")
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    return state
+
+
+# Phase 3 --------------------------------------------------------------------------------------
+def retrain_head(cell: Cell, phase1: Phase1, resampler,
                  on_epoch: Callable[[int, float], None] | None = None):
-    """Phase 3: resample the training embeddings, retrain the head from its phase-1 weights
-    (selected on validation BAC).  Returns the head, the embeddings it was trained on and
-    the timings."""
+    """Phase 3: resample the training embeddings, retrain the head (selected on validation
+    BAC).  Returns the head, the embeddings it was trained on and the phase's summary."""
+    cfg, device, run, num_classes = cell.cfg, cell.device, cell.run, cell.data.train.num_classes
     emb = phase1.embeddings
-    head = loss.make_head(phase1.summary["embedding_dim"], num_classes)
-    head.load_state_dict({k[len("head."):]: v for k, v in phase1.state_dict.items()
-                          if k.startswith("head.")})
+    torch.manual_seed(cfg.seed)  # a fresh head's initialisation is part of the recipe
+    head = cell.loss.make_head(phase1.summary["embedding_dim"], num_classes)
+    if cfg.head_recipe == "continue":
+        head.load_state_dict({k[len("head."):]: v for k, v in phase1.state_dict.items()
+                              if k.startswith("head.")})
     head = head.to(device)
-    if resampler is None:
+    if not cell.method.retrains_head():
+        if cfg.head_recipe != "continue":  # nothing retrains it: evaluate phase 1's own head
+            head.load_state_dict({k[len("head."):]: v for k, v in phase1.state_dict.items()
+                                  if k.startswith("head.")})
         return head, emb["train_x"], emb["train_y"], {}
     start = time.perf_counter()
-    train_x, train_y = resampler.fit_resample(emb["train_x"], emb["train_y"])
-    time_resample = time.perf_counter() - start
+    if resampler is None:
+        train_x, train_y = emb["train_x"], emb["train_y"]
+    else:
+        train_x, train_y = resampler.fit_resample(emb["train_x"], emb["train_y"])
+    cell.timings["resample"] = time.perf_counter() - start
 
     batches = TensorBatches(torch.as_tensor(train_x, dtype=torch.float32, device=device),
                             torch.as_tensor(train_y, dtype=torch.int64, device=device),
@@ -230,17 +399,18 @@ def retrain_head(cfg: RunConfig, phase1: Phase1, loss: Loss, resampler, num_clas
     def log_epoch(epoch: int, record: dict) -> None:
         run.log_metrics({"phase3_train_loss": record["train_loss"],
                          "phase3_val_bac": record["val_bac"]}, step=epoch)
+        cell.method.on_epoch_end(cell, "phase3", epoch, record)
         if on_epoch is not None:
             on_epoch(epoch, record["val_bac"])
 
     start = time.perf_counter()
-    result = fit(head, batches, loss.head_loss(), cfg.head_schedule, validate, on_epoch=log_epoch,
-                 progress="phase 3" if progress else None)
-    timings = {"time_resample_s": time_resample, "time_phase3_s": time.perf_counter() - start,
-               "best_val_bac": result.best_score}
+    result = fit(head, batches, cell.loss.head_loss(), cfg.head_schedule, validate,
+                 on_epoch=log_epoch, progress="phase 3" if cell.progress else None,
+                 step=cell.method.head_step(cell))
+    cell.timings["phase3"] = time.perf_counter() - start
     run.log_metrics({"phase3_best_epoch": result.best_epoch,
                      "phase3_best_val_bac": result.best_score})
-    return head, train_x, train_y, timings
+    return head, train_x, train_y, {"best_val_bac": result.best_score}
 
 
 def evaluate(head, phase1: Phase1, train_x: np.ndarray, train_y: np.ndarray, classes: list[str],
@@ -261,20 +431,21 @@ def evaluate(head, phase1: Phase1, train_x: np.ndarray, train_y: np.ndarray, cla
     return metrics, cm, gap_per_class
 
 
-def log_outputs(run: tracking.TrackedRun, phase1: Phase1, head, cm: np.ndarray,
-                gap_per_class: np.ndarray, data: CellData, train_y: np.ndarray,
-                train_x: np.ndarray, metrics: dict) -> None:
+def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class: np.ndarray,
+                train_x: np.ndarray, train_y: np.ndarray, metrics: dict,
+                synthetic_images: list[int]) -> None:
     """Artifacts of the finished cell: reassembled checkpoint, resampled embeddings,
     per-class table and confusion-matrix plot."""
     import pandas as pd
 
     state = {k: v for k, v in phase1.state_dict.items() if not k.startswith("head.")}
     state.update({f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
-    classes = data.train.classes
-    real = np.asarray(data.class_counts)
+    classes = cell.data.train.classes
+    real = np.asarray(cell.data.class_counts)
     final = np.bincount(train_y, minlength=len(classes))
     table = pd.DataFrame({
-        "class": classes, "train_real": real, "train_synthetic": final - real,
+        "class": classes, "train_real": real, "train_synthetic_images": synthetic_images,
+        "train_synthetic_embeddings": final - real, "val": cell.data.val_class_counts,
         "test_recall": [metrics[f"test_recall_class_{c}"] for c in range(len(classes))],
         "test_support": cm.sum(axis=1), "gap": gap_per_class})
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,7 +454,7 @@ def log_outputs(run: tracking.TrackedRun, phase1: Phase1, head, cm: np.ndarray,
         if len(train_x) > len(phase1.embeddings["train_x"]):
             np.savez_compressed(Path(tmp, "resampled_train.npz"), x=train_x, y=train_y)
         plot_confusion(cm, classes, Path(tmp, "confusion_matrix.png"))
-        run.log_artifacts(tmp, "results")
+        cell.run.log_artifacts(tmp, "results")
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -319,66 +490,127 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
              run_name: str | None = None) -> dict:
     """Run one cell end to end and log it; returns its metrics, run id and provenance.
 
-    Everything a user can get wrong (names, numbers, missing data, an empty class) is checked
-    before the MLflow run starts, so a mistake leaves no run behind.  ``evaluate_test=False``
-    (tuning trials) stops at the validation score and never touches the test set;
+    Everything a user can get wrong (names, numbers, missing data, an empty class, a method
+    that cannot work on these class counts, a cached stage that does not match) is checked
+    before the MLflow run starts, so a mistake leaves no run behind.  A phase 1 that a killed
+    run left checkpointed resumes from its checkpoint.  ``evaluate_test=False`` (tuning
+    trials) stops at the validation score and never touches the test set;
     ``on_head_epoch(epoch, val_bac)`` sees every phase-3 epoch and may raise to stop the run
     (a pruned trial), which then ends KILLED.
     """
     started = time.perf_counter()
     cfg = cfg.resolved()
-    method = METHODS.create(cfg.method, **cfg.method_params)
+    method = cfg.method_instance()
     data = prepare_data(cfg)
+    for note in method.adapt(data.class_counts):
+        print(f"note: {method.name}: {note}", file=sys.stderr)
     device = pick_device(cfg.device)
     loss = LOSSES.create(cfg.loss, class_counts=data.class_counts, schedule=cfg.schedule,
                          **cfg.loss_params)
+    cell = Cell(cfg=cfg, method=method, data=data, device=device, loss=loss, progress=progress)
     resampler = method.embedding_resampler(random_state=cfg.seed)
-    key = cfg.phase1_key()
+    key, training_key = cfg.phase1_key(), cfg.training_set_key()
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
-    model = build_model(cfg, data, loss, device) if source_run is None else None
+    resume_run = tracking.find_resumable_run(key) if source_run is None and reuse_phase1 else None
+    resume = load_checkpoint(resume_run) if resume_run is not None else None
+    if source_run is None:
+        training_set = training_set_stage(cell, training_key) if reuse_phase1 else \
+            training_set_stage_fresh(cell, training_key)
+        model, phase1 = build_model(cell), None
+    else:
+        phase1 = load_phase1(source_run)
+        check_phase1(phase1, cell)
+        training_set, model = None, None
 
     run_name = run_name or f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
     with tracking.TrackedRun(cfg.experiment, run_name, {
             tracking.TAG_PHASE1_KEY: key, "method": cfg.method, "loss": cfg.loss,
             "dataset": cfg.dataset, "backbone": cfg.backbone, **(tags or {})}) as run:
-        digest = run.log_training_subset(
-            data.train_indices, data.train.labels.numpy(),
-            name=f"{cfg.dataset}-{cfg.profile}{cfg.ratio:g}-subset{cfg.subset_seed}",
-            source={"dataset": cfg.dataset, "profile": cfg.profile, "ratio": str(cfg.ratio),
-                    "subset_seed": str(cfg.subset_seed), "val_fraction": str(cfg.val_fraction)})
-        run.log_params({**cfg.as_params(),
-                        **{f"loss_hparam.{k}": v for k, v in loss.params.items()},
-                        "device_used": device.type, "num_classes": data.train.num_classes,
-                        "n_train": len(data.train), "n_val": len(data.val),
-                        "n_test": len(data.test), "profile_counts": data.profile_counts,
-                        "train_class_counts": data.class_counts,
-                        "subset_fingerprint": fingerprint(data.train_indices),
-                        "subset_digest": digest, "phase1_key": key,
-                        **{f"dataset.{k}": v for k, v in DATASETS.create(
-                            cfg.dataset, root=cfg.data_root).params.items()}})
+        cell.run = run
+        log_cell_params(cell, key)
         start = time.perf_counter()
-        if source_run is None:
-            phase1 = train_phase1(cfg, data, model, loss, device, run, progress)
+        if phase1 is None:
+            log_training_set(cell, training_key, training_set)
+            if training_key is not None:
+                cell.timings["training_set"] = training_set.seconds
+            if resume_run is not None:
+                run.set_tags({"resumed_from_run": resume_run,
+                              "resumed_at_epoch": str(resume["epoch"])})
+            phase1 = train_phase1(cell, model, training_set.images, resume)
+            cell.timings["phase1_load"] = 0.0
         else:
-            phase1 = load_phase1(source_run, run)
-        time_load = 0.0 if source_run is None else time.perf_counter() - start
-        head, train_x, train_y, timings = retrain_head(
-            cfg, phase1, loss, resampler, data.train.num_classes, device, run, progress,
-            on_head_epoch)
-        metrics = {"val_bac": timings.pop("best_val_bac", phase1.summary["best_val_bac"]),
-                   "time_phase1_s": phase1.summary["time_phase1_s"],
-                   "time_phase2_s": phase1.summary["time_phase2_s"],
-                   "time_resample_s": timings.get("time_resample_s", 0.0),
-                   "time_phase3_s": timings.get("time_phase3_s", 0.0),
-                   "time_phase1_load_s": time_load}
+            run.set_tags({tracking.TAG_PHASE1_RUN: phase1.run_id})
+            cell.timings.update(phase1=phase1.summary["time_phase1_s"],
+                                phase2=phase1.summary["time_phase2_s"],
+                                phase1_load=time.perf_counter() - start)
+            if training_key is not None and "time_training_set_s" in phase1.summary:
+                cell.timings["training_set"] = phase1.summary["time_training_set_s"]
+        extra = method.phase2_outputs(cell, phase1)
+        head, train_x, train_y, phase3 = retrain_head(cell, phase1, resampler, on_head_epoch)
+        metrics = {"val_bac": phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
+                   **{f"time_{stage}_s": seconds for stage, seconds in cell.timings.items()}}
+        results = {"phase1": phase1, "head": head, "train_x": train_x, "train_y": train_y,
+                   "phase2_outputs": extra}
         if evaluate_test:
             test_metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
                                                        data.train.classes, device)
             metrics.update(test_metrics)
-            log_outputs(run, phase1, head, cm, gap_per_class, data, train_y, train_x,
-                        test_metrics)
+            synthetic = training_set.synthetic_counts if training_set is not None else \
+                phase1.summary.get("synthetic_images", [0] * data.train.num_classes)
+            log_outputs(cell, phase1, head, cm, gap_per_class, train_x, train_y, test_metrics,
+                        synthetic)
+            results.update(metrics=test_metrics, confusion=cm)
+        method.on_cell_end(cell, results)
         metrics["time_wall_s"] = time.perf_counter() - started
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
-            "phase1_reused": source_run is not None, "metrics": metrics,
-            "experiment": run.experiment, "config": cfg}
+            "phase1_reused": source_run is not None, "resumed_from": resume_run,
+            "metrics": metrics, "experiment": run.experiment, "config": cfg}
+
+
+def training_set_stage_fresh(cell: Cell, key: str | None) -> TrainingSet:
+    """``--no-cache``: the training set is computed again too."""
+    _TRAINING_SET_MEMO.pop(key, None)
+    real = cell.data.train
+    if key is None:
+        return TrainingSet(real, [0] * real.num_classes, 0.0, None)
+    start = time.perf_counter()
+    combined = cell.method.prepare_training_set(cell, real)
+    synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
+                 - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
+    return TrainingSet(combined, synthetic, time.perf_counter() - start, None)
+
+
+def log_cell_params(cell: Cell, key: str) -> None:
+    """Every setting in force: the configuration, each component's effective
+    hyper-parameters (defaults included), the data's counts and where they came from."""
+    cfg, data, run = cell.cfg, cell.data, cell.run
+    digest = run.log_training_subset(
+        data.train_indices, data.train.labels.numpy(),
+        name=f"{cfg.dataset}-{cfg.profile}{cfg.ratio:g}-subset{cfg.subset_seed}",
+        source={"dataset": cfg.dataset, "profile": cfg.profile, "ratio": str(cfg.ratio),
+                "subset_seed": str(cfg.subset_seed), "validation": data.validation})
+    backbone_factory = BACKBONES.get(cfg.backbone)
+    backbone_defaults = {
+        name: p.default for name, p in inspect.signature(backbone_factory).parameters.items()
+        if p.default is not p.empty and name not in SUITE_BACKBONE_ARGS}
+    run.log_params({**cfg.as_params(),
+                    **{f"loss_hparam.{k}": v for k, v in cell.loss.params.items()},
+                    **{f"method_hparam.{k}": v for k, v in cell.method.hyperparameters().items()},
+                    **{f"backbone_hparam.{k}": v
+                       for k, v in {**backbone_defaults, **cfg.backbone_params}.items()},
+                    "device_used": cell.device.type, "num_classes": data.train.num_classes,
+                    "n_train": len(data.train), "n_val": len(data.val),
+                    "n_test": len(data.test), "profile_counts": data.profile_counts,
+                    "train_class_counts": data.class_counts,
+                    "val_class_counts": data.val_class_counts,
+                    "validation_used": data.validation,
+                    "subset_fingerprint": fingerprint(data.train_indices),
+                    "val_fingerprint": fingerprint(data.val_indices),
+                    "subset_digest": digest, "phase1_key": key,
+                    **{f"dataset.{k}": v for k, v in DATASETS.create(
+                        cfg.dataset, root=cfg.data_root).params.items()}})
+    notes = [f"validation: {data.validation_note}"] if data.validation_note else []
+    notes += cell.method.notes
+    if notes:
+        run.set_tags({"notes": "; ".join(notes)[:5000]})

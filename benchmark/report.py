@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -36,8 +37,11 @@ TRAINING_SETTINGS = ("epochs", "head_epochs", "batch_size", "lr", "image_size", 
 SETTING_KEYS = TABLE_KEYS + TRAINING_SETTINGS
 # One cell: a setting, a loss with its parameters, a method with its parameters.  The last two
 # follow from the method label (its name and parameters other than K, and K) and are kept so
-# that layouts can put K on an axis of its own.
-CELL_KEYS = SETTING_KEYS + ("loss", "loss_label", "method", "method_label", "method_variant", "K")
+# that layouts can put K on an axis of its own; so does the method's row group (a grid spec's
+# ``groups``, "" without).
+GROUP_FIELD = "method_group"
+CELL_KEYS = SETTING_KEYS + ("loss", "loss_label", "method", "method_label", "method_variant", "K",
+                            GROUP_FIELD)
 
 GM_FORMS = {
     "macro": ("test_gm_macro", "imbalanced-learn's macro geometric mean, "
@@ -48,20 +52,28 @@ F1_METRIC = "test_f1_macro"
 BAC_METRIC = "test_bac"
 RECALL_PREFIX = "test_recall_class_"
 
-PHASE_TIMES = {"Phase 1": "time_phase1_s", "Phase 2": "time_phase2_s",
-               "Resampling": "time_resample_s", "Phase 3": "time_phase3_s"}
+# Stage times, logged as ``time_<stage>_s``: the runtime table has a column for every stage its
+# runs logged, and their sum, but for these: the wall clock (it includes loading and
+# evaluation), loading a cached phase 1 (no compute: a reused phase 1 logs the time of the run
+# that trained it instead, so every method is charged for the phase 1 it needs) and the total.
+STAGE_TIME = re.compile(r"time_(?P<stage>\w+)_s")
 TOTAL_TIME = "time_total_s"
-REFERENCE_METHOD = "eos"
-RATIO_TITLE = f"Total/{REFERENCE_METHOD}"
+NOT_STAGES = ("time_wall_s", "time_phase1_load_s", TOTAL_TIME)
+# Known stages in pipeline order, with their titles; others follow alphabetically.
+STAGE_TITLES = {"generator": "Generator", "pixel_resample": "Pixel resampling",
+                "training_set": "Training set", "phase1": "Phase 1", "phase2": "Phase 2",
+                "resample": "Resampling", "phase3": "Phase 3"}
+# The method whose total time the others are divided by (--reference, a grid's `reference:`).
+DEFAULT_REFERENCE = "eos"
 
-# The paper's orders; names they do not know follow alphabetically.
-METHOD_ORDER = ("none", "smote", "bsmote", "balsvm", "eos-ref", "eos")
+# The paper's orders; names they do not know follow alphabetically.  Methods have no fixed
+# order: a grid's, else alphabetical with the reference last (``method_order``).
 LOSS_ORDER = ("ce", "asl", "focal", "ldam-drw")
-DATASET_ORDER = ("cifar10", "cifar100", "svhn", "celeba")
+DATASET_ORDER = ("cifar10", "svhn", "cifar100", "celeba")
 BACKBONE_ORDER = ("resnet32", "resnet56", "densenet", "wrn28")
-ORDERS = {"method": METHOD_ORDER, "method_label": METHOD_ORDER, "method_variant": METHOD_ORDER,
-          "loss": LOSS_ORDER, "loss_label": LOSS_ORDER, "dataset": DATASET_ORDER,
-          "backbone_label": BACKBONE_ORDER}
+FIXED_ORDERS = {"loss": LOSS_ORDER, "loss_label": LOSS_ORDER, "dataset": DATASET_ORDER,
+                "backbone_label": BACKBONE_ORDER}
+METHOD_FIELDS = ("method", "method_label", "method_variant")
 # Components whose logged parameters (``params.<group>.<name>``) join their label.
 VARIANT_GROUPS = ("backbone", "loss", "method")
 K_PARAM = "k_neighbors"
@@ -114,7 +126,8 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     labels ``backbone_label`` / ``loss_label`` / ``method_label`` (the name plus every
     ``backbone.*`` / ``loss.*`` / ``method.*`` parameter the run logged, e.g. ``eos (K=3)``:
     variants of one method become separate columns), ``method_variant`` (the method label
-    without K), ``K`` (the logged ``method.k_neighbors``, empty for the method's default),
+    without K), ``K`` (the K in force, ``method_hparam.k_neighbors``; empty for a method
+    without one),
     ``train_class_counts`` (JSON list) and every metric under its own name (``test_bac``,
     ``time_phase1_s``, ...)."""
     def param(name: str) -> pd.Series:
@@ -130,7 +143,10 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     for group in VARIANT_GROUPS:
         tidy[f"{group}_label"] = variant_labels(raw, tidy[group], group)
     tidy["method_variant"] = variant_labels(raw, tidy["method"], "method", leave_out=(K_PARAM,))
-    tidy["K"] = param(f"method.{K_PARAM}").fillna("").astype(str).replace("None", "")
+    # The K in force (defaults included, logged since the protocol fix); older runs logged
+    # only a K the user set.
+    effective = param(f"method_hparam.{K_PARAM}").fillna(param(f"method.{K_PARAM}"))
+    tidy["K"] = effective.fillna("").astype(str).replace("None", "")
     tidy["train_class_counts"] = param("train_class_counts")
     metrics = raw[[c for c in raw.columns if c.startswith("metrics.")]]
     return pd.concat([tidy, metrics.rename(columns=lambda c: c[len("metrics."):])], axis=1)
@@ -172,10 +188,28 @@ def aggregate(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return summary
 
 
+def stage_metrics(columns) -> list[str]:
+    """The stage times among ``columns`` (``time_<stage>_s`` less ``NOT_STAGES``): known stages
+    in pipeline order, then the others alphabetically."""
+    known = list(STAGE_TITLES)
+
+    def rank(metric: str) -> tuple:
+        stage = STAGE_TIME.fullmatch(metric)["stage"]
+        return (known.index(stage) if stage in known else len(known), stage)
+
+    return sorted((c for c in columns if STAGE_TIME.fullmatch(c) and c not in NOT_STAGES),
+                  key=rank)
+
+
+def stage_title(metric: str) -> str:
+    stage = STAGE_TIME.fullmatch(metric)["stage"]
+    return STAGE_TITLES.get(stage, stage.replace("_", " ").capitalize())
+
+
 def with_total_time(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add ``time_total_s`` = phase 1 + phase 2 + resampling + phase 3 (NaN if one is missing)."""
-    phases = runs.reindex(columns=list(PHASE_TIMES.values()))
-    return runs.assign(**{TOTAL_TIME: phases.sum(axis=1, min_count=len(PHASE_TIMES))})
+    """Add ``time_total_s``: the sum of the stage times the run logged (NaN if none)."""
+    stages = runs[stage_metrics(runs.columns)]
+    return runs.assign(**{TOTAL_TIME: stages.sum(axis=1, min_count=1)})
 
 
 def score_metrics(gm_form: str) -> dict[str, str]:
@@ -183,35 +217,49 @@ def score_metrics(gm_form: str) -> dict[str, str]:
     return {"BAC": BAC_METRIC, "GM": GM_FORMS[gm_form][0], "FM": F1_METRIC}
 
 
-def runtime_metrics() -> list[str]:
-    return list(PHASE_TIMES.values()) + [TOTAL_TIME]
-
-
 def cells_of(summary: pd.DataFrame) -> list[tuple[dict, pd.Series]]:
     """The summary's cells as ``(cell key dict, aggregate row)``."""
     return [(dict(zip(CELL_KEYS, key)), row) for key, row in summary.iterrows()]
 
 
-def order_key(field: str, value) -> tuple:
-    """Sort key of a field's values: the paper's order, then numbers by value, then text."""
-    if isinstance(value, float) and math.isnan(value):
-        return (1, math.inf, "")
-    name = str(value).split(" (")[0]
-    order = ORDERS.get(field, ())
-    rank = order.index(name) if name in order else len(order)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.inf
-    return (rank, number, str(value))
+@dataclass(frozen=True)
+class Orders:
+    """How one report sorts each field's values: the names ``listed`` for the field first, in
+    that order (a label such as ``eos (K=3)`` ranks as its name), then numbers by value, then
+    text."""
+
+    listed: dict[str, tuple[str, ...]]
+
+    def key(self, field: str, value) -> tuple:
+        if isinstance(value, float) and math.isnan(value):
+            return (1, math.inf, "")
+        name = str(value).split(" (")[0]
+        order = self.listed.get(field, ())
+        rank = order.index(name) if name in order else len(order)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.inf
+        return (rank, number, str(value))
 
 
-def split_cells(cells: list[tuple[dict, pd.Series]], split: tuple[str, ...]):
+def report_orders(methods: tuple[str, ...], groups: tuple[str, ...] = ()) -> Orders:
+    """The paper's orders of losses, datasets and backbones, ``methods`` for every method
+    field and ``groups`` for the methods' row groups."""
+    return Orders({**FIXED_ORDERS, **{f: methods for f in METHOD_FIELDS}, GROUP_FIELD: groups})
+
+
+def method_order(methods, reference: str) -> tuple[str, ...]:
+    """Without a grid to follow: alphabetical, the reference last (where the paper puts EOS)."""
+    return tuple(sorted(set(methods), key=lambda name: (name == reference, name)))
+
+
+def split_cells(cells: list[tuple[dict, pd.Series]], split: tuple[str, ...], orders: Orders):
     """``(values of the split fields, the cells with those values)`` in sorted order."""
     blocks: dict[tuple, list] = {}
     for key, row in cells:
         blocks.setdefault(tuple(key[f] for f in split), []).append((key, row))
-    ordered = sorted(blocks, key=lambda values: [order_key(f, v) for f, v in zip(split, values)])
+    ordered = sorted(blocks, key=lambda values: [orders.key(f, v) for f, v in zip(split, values)])
     return [(dict(zip(split, values)), blocks[values]) for values in ordered]
 
 
@@ -229,9 +277,10 @@ def distinguishing(keys: list[dict], fields: tuple[str, ...], fixed: tuple[str, 
 
 # Layouts --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Rows:
-    """One level of row labels: a cell field, plus ``folded`` fields that join the label (in
-    parentheses) only where cells with the same value of ``field`` differ in them."""
+class Level:
+    """One level of row labels, or the column groups: a cell field, plus ``folded`` fields that
+    join the label (in parentheses) only where cells with the same value of ``field`` differ in
+    them."""
 
     header: str
     field: str
@@ -245,43 +294,58 @@ class Layout:
     every cell key, so a table cell is exactly one aggregated cell.  Titles always name the
     ``named`` fields, other split fields only where two tables differ in them; file names do
     the same when ``stem_kind`` is set, and otherwise name only what tells tables apart.
-    ``best``: the best mean is bold per "row" (among methods) or per "column" (among rows)."""
+    ``best``: the best mean is bold per "row" (among column groups) or per "column" (among
+    rows).  A row level on the methods' group (``GROUP_FIELD``) is left out when the report
+    has no groups."""
 
     name: str
     heading: str
     split: tuple[str, ...]
-    rows: tuple[Rows, ...]
-    group: str | None
+    rows: tuple[Level, ...]
+    group: Level | None
     named: tuple[str, ...]
     stem_kind: str = ""
     best: str = "row"
 
+    def without_groups(self) -> "Layout":
+        return dataclasses.replace(self, rows=tuple(level for level in self.rows
+                                                    if level.field != GROUP_FIELD))
 
-GENERIC = Layout("generic", "Scores", split=SETTING_KEYS, rows=(Rows("Loss", "loss_label"),),
-                 group="method_label", named=TABLE_KEYS, stem_kind="scores")
+
+# Where rows or column groups are datasets, each comes with its setting.
+DATASET_LEVEL = Level("Dataset", "dataset",
+                      folded=("backbone_label", "profile", "ratio") + TRAINING_SETTINGS)
+METHOD_LEVEL = Level("Method", "method_label")
+GENERIC = Layout("generic", "Scores", split=SETTING_KEYS, rows=(Level("Loss", "loss_label"),),
+                 group=METHOD_LEVEL, named=TABLE_KEYS, stem_kind="scores")
 # Runtime tables: per setting, rows loss x method (whatever the score layout).
 RUNTIME = Layout("runtime", "Runtime", split=SETTING_KEYS,
-                 rows=(Rows("Loss", "loss_label"), Rows("Method", "method_label")), group=None,
+                 rows=(Level("Loss", "loss_label"), METHOD_LEVEL), group=None,
                  named=TABLE_KEYS, stem_kind="runtime")
+# A grid spec named after a paper table gets its layout (``scope_of``).
 PAPER_LAYOUTS = {layout.name: layout for layout in (
+    # Table I: a row per method, in the spec's row groups (the paper's pre-processing and
+    # embedding space), every dataset (with its backbone, ratio and training settings) as a
+    # column group; one table per loss (the paper's is cross-entropy); best per column.
+    Layout("table1", "Table I: over-sampling in pixel vs embedding space",
+           split=("loss_label",), rows=(Level("Group", GROUP_FIELD), METHOD_LEVEL),
+           group=DATASET_LEVEL, named=("loss_label",), best="column"),
     # Table II: every dataset (with its backbone, ratio and training settings) x loss in one
     # table, the resamplers as column groups.
     Layout("table2", "Table II: losses and resamplers", split=(),
-           rows=(Rows("Dataset", "dataset", folded=("backbone_label", "profile", "ratio")
-                      + TRAINING_SETTINGS), Rows("Loss", "loss_label")),
-           group="method_label", named=()),
+           rows=(DATASET_LEVEL, Level("Loss", "loss_label")), group=METHOD_LEVEL, named=()),
     # Table IV, transposed with respect to the paper (which puts K in columns): a row per K,
     # a column per metric; the best K per metric in bold.
     Layout("table4", "Table IV: sensitivity to K", split=SETTING_KEYS + ("loss_label",
                                                                          "method_variant"),
-           rows=(Rows("K", "K"),), group=None,
+           rows=(Level("K", "K"),), group=None,
            named=TABLE_KEYS + ("loss_label", "method_variant"), best="column"),
     # Table V: a row per backbone, with the training settings that come with it (WideResNet
     # trains fewer epochs), the methods as column groups.
     Layout("table5", "Table V: architectures with and without EOS",
            split=("dataset", "profile", "ratio", "loss_label"),
-           rows=(Rows("Backbone", "backbone_label", folded=TRAINING_SETTINGS),),
-           group="method_label", named=("dataset", "profile", "ratio", "loss_label")),
+           rows=(Level("Backbone", "backbone_label", folded=TRAINING_SETTINGS),),
+           group=METHOD_LEVEL, named=("dataset", "profile", "ratio", "loss_label")),
 )}
 
 
@@ -335,8 +399,8 @@ class Piece:
         return f"{self.heading}: {self.setting}" if self.setting else self.heading
 
 
-def pieces(cells: list, layout: Layout, prefix: str) -> list[Piece]:
-    blocks = split_cells(cells, layout.split)
+def pieces(cells: list, layout: Layout, prefix: str, orders: Orders) -> list[Piece]:
+    blocks = split_cells(cells, layout.split, orders)
     keys = [values for values, _ in blocks]
     in_title = distinguishing(keys, layout.split, layout.named)
     stem_fixed = layout.named if layout.stem_kind else ()
@@ -350,36 +414,38 @@ def pieces(cells: list, layout: Layout, prefix: str) -> list[Piece]:
     return made
 
 
-def row_labels(block: list, rows: tuple[Rows, ...]) -> list[tuple[tuple, dict, pd.Series]]:
+def level_label(block: list, level: Level, key: dict) -> str:
+    """The label of ``key`` at ``level``: its value, plus the folded fields in which it differs
+    from cells of the table with the same value."""
+    peers = [k for k, _ in block if k[level.field] == key[level.field]]
+    extra = [f for f in level.folded if len({str(p[f]) for p in peers}) > 1]
+    text = label_text(level.field, key[level.field])
+    return f"{text} ({', '.join(field_text(f, key[f]) for f in extra)})" if extra else text
+
+
+def level_order(level: Level, key: dict, orders: Orders) -> list:
+    return [orders.key(f, key[f]) for f in (level.field,) + level.folded]
+
+
+def row_labels(block: list, rows: tuple[Level, ...],
+               orders: Orders) -> list[tuple[tuple, dict, pd.Series]]:
     """``(row label tuple, cell key, aggregate row)`` per cell of a table, in row order."""
-    def folded_varying(level: Rows, key: dict) -> list[str]:
-        peers = [k for k, _ in block if k[level.field] == key[level.field]]
-        return [f for f in level.folded if len({str(p[f]) for p in peers}) > 1]
-
-    def label(level: Rows, key: dict) -> str:
-        extra = folded_varying(level, key)
-        text = label_text(level.field, key[level.field])
-        return f"{text} ({', '.join(field_text(f, key[f]) for f in extra)})" if extra else text
-
-    def sort_key(key: dict) -> list:
-        return [part for level in rows for part in
-                [order_key(level.field, key[level.field])]
-                + [order_key(f, key[f]) for f in level.folded]]
-
-    ordered = sorted(block, key=lambda cell: sort_key(cell[0]))
-    return [(tuple(label(level, key) for level in rows), key, row) for key, row in ordered]
+    ordered = sorted(block, key=lambda cell: [part for level in rows
+                                              for part in level_order(level, cell[0], orders)])
+    return [(tuple(level_label(block, level, key) for level in rows), key, row)
+            for key, row in ordered]
 
 
-def row_settings_note(block: list, level: Rows) -> list[tuple[str, str]]:
-    """``(row label, its setting)`` for a level with folded fields: the table-level ones
-    (backbone, profile, ratio) always, training settings where rows differ in them."""
+def level_settings_note(block: list, level: Level, orders: Orders) -> list[tuple[str, str]]:
+    """``(label, its setting)`` for a level with folded fields: the table-level ones
+    (backbone, profile, ratio) always, training settings where labels differ in them."""
     keys = [key for key, _ in block]
     shown = [f for f in level.folded
              if f in TABLE_KEYS or len({str(k[f]) for k in keys}) > 1]
     if not shown:
         return []
     notes = {}
-    for labels, key, _ in row_labels(block, (level,)):
+    for labels, key, _ in row_labels(block, (level,), orders):
         notes.setdefault(labels[0], ", ".join(field_text(f, key[f]) for f in shown))
     return list(notes.items())
 
@@ -391,7 +457,7 @@ DIGITS = {SCORE: 4, SECONDS: 2, RATIO: 2}
 
 @dataclass(frozen=True)
 class Column:
-    group: str | None  # a method label, or None for tables without column groups
+    group: str | None  # a column group's label (a method, a dataset), or None
     title: str  # BAC, GM, FM, n, Phase 1, ...
     kind: str
 
@@ -437,23 +503,28 @@ def mark_best(table: Table, per: str) -> None:
             table.best.update((row, column) for value, row, column in entries if value == top)
 
 
-def empty_table(piece: Piece, rows: tuple[Rows, ...], columns: list[Column], caption):
-    labelled = row_labels(piece.cells, rows)
+def empty_table(piece: Piece, rows: tuple[Level, ...], columns: list[Column], caption,
+                orders: Orders):
+    labelled = row_labels(piece.cells, rows, orders)
     table = Table(piece.stem, piece.title, caption, tuple(level.header for level in rows),
                   list(dict.fromkeys(labels for labels, _, _ in labelled)), columns, {}, set())
     return table, labelled
 
 
-def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption) -> Table:
+def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
+                orders: Orders) -> Table:
     """Mean and std of every metric, and the number of seeds, per row and column group."""
-    groups = [None] if layout.group is None else sorted(
-        {key[layout.group] for key, _ in piece.cells},
-        key=lambda label: order_key(layout.group, label))
+    def group_of(key: dict) -> str | None:
+        return None if layout.group is None else level_label(piece.cells, layout.group, key)
+
+    groups = [None] if layout.group is None else list(dict.fromkeys(
+        group_of(key) for key, _ in sorted(
+            piece.cells, key=lambda cell: level_order(layout.group, cell[0], orders))))
     columns = [c for group in groups for c in
                [Column(group, title, SCORE) for title in metrics] + [Column(group, "n", COUNT)]]
-    table, labelled = empty_table(piece, layout.rows, columns, caption)
+    table, labelled = empty_table(piece, layout.rows, columns, caption, orders)
     for labels, key, row in labelled:
-        group = None if layout.group is None else key[layout.group]
+        group = group_of(key)
         count = Column(group, "n", COUNT)
         if (labels, count) in table.values:
             raise AssertionError(f"two cells share row {labels} and column {group}")
@@ -466,34 +537,43 @@ def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption) 
     return table
 
 
-def runtime_table(piece: Piece, caption) -> Table:
-    """Rows (loss, method); columns: mean seconds per stage, their total, the total divided by
-    eos's total for the same loss (``reference_total``), and the number of runs."""
-    columns = [Column(None, title, SECONDS) for title in list(PHASE_TIMES) + ["Total"]]
-    columns += [Column(None, RATIO_TITLE, RATIO), Column(None, "n", COUNT)]
-    table, labelled = empty_table(piece, RUNTIME.rows, columns, caption)
+def ratio_title(reference: str) -> str:
+    return f"vs {reference}"
+
+
+def runtime_table(piece: Piece, stages: list[str], reference: str, caption,
+                  orders: Orders) -> Table:
+    """Rows (loss, method); columns: mean seconds of each of ``stages`` that the table's runs
+    logged, their total, the total divided by the reference method's total for the same loss
+    (``reference_total``; a dash without one) and the number of runs."""
+    logged = [m for m in stages if any(not pd.isna(row[(m, "mean")]) for _, row in piece.cells)]
+    times = [(stage_title(m), m) for m in logged] + [("Total", TOTAL_TIME)]
+    ratio = Column(None, ratio_title(reference), RATIO)
+    columns = [Column(None, title, SECONDS) for title, _ in times] + [ratio,
+                                                                      Column(None, "n", COUNT)]
+    table, labelled = empty_table(piece, RUNTIME.rows, columns, caption, orders)
     references = {loss: reference_total([(k, r) for k, r in piece.cells
-                                         if k["loss_label"] == loss])
+                                         if k["loss_label"] == loss], reference)
                   for loss in {key["loss_label"] for key, _ in piece.cells}}
     for labels, key, row in labelled:
-        for title, metric in list(PHASE_TIMES.items()) + [("Total", TOTAL_TIME)]:
+        for title, metric in times:
             if not pd.isna(row[(metric, "mean")]):
                 table.values[(labels, Column(None, title, SECONDS))] = Stat(
                     row[(metric, "mean")], row[(metric, "std")])
-        reference = references[key["loss_label"]]
-        if reference is not None and not pd.isna(row[(TOTAL_TIME, "mean")]):
-            table.values[(labels, Column(None, RATIO_TITLE, RATIO))] = Stat(
-                row[(TOTAL_TIME, "mean")] / reference)
+        total = references[key["loss_label"]]
+        if total is not None and not pd.isna(row[(TOTAL_TIME, "mean")]):
+            table.values[(labels, ratio)] = Stat(row[(TOTAL_TIME, "mean")] / total)
         table.values[(labels, Column(None, "n", COUNT))] = Stat(float(row[("runs", "n")]))
     return table
 
 
-def reference_total(cells: list) -> float | None:
-    """Mean total time of eos among one loss's cells: the cell with eos's default parameters
-    (label ``eos``), else the only eos variant; None when there is no such single reference."""
-    eos = [(key, row) for key, row in cells if key["method"] == REFERENCE_METHOD]
-    plain = [(key, row) for key, row in eos if key["method_label"] == REFERENCE_METHOD]
-    chosen = plain or eos
+def reference_total(cells: list, reference: str) -> float | None:
+    """Mean total time of the ``reference`` method among one loss's cells: the cell with its
+    default parameters (label = name), else its only variant; None when there is no such
+    single cell (a table without the method, say)."""
+    named = [(key, row) for key, row in cells if key["method"] == reference]
+    plain = [(key, row) for key, row in named if key["method_label"] == reference]
+    chosen = plain or named
     if len(chosen) != 1:
         return None
     total = chosen[0][1][(TOTAL_TIME, "mean")]
@@ -661,14 +741,16 @@ def score_caption(title: str, gm_form: str, experiments: list[str], best: str,
     return caption
 
 
-def runtime_caption(title: str, experiments: list[str]) -> Callable[[Markup], str]:
+def runtime_caption(title: str, experiments: list[str], reference: str) -> Callable[[Markup], str]:
     def caption(markup: Markup) -> str:
-        return (f"{markup.escape(title)}. Mean seconds over runs per stage; Total = phase 1 + "
-                f"phase 2 (embedding) + resampling + phase 3 (a reused phase 1 counts the time "
-                f"of the run that trained it); {RATIO_TITLE}: the method's total divided by "
-                f"{REFERENCE_METHOD}'s total for the same loss (above 1: slower than "
-                f"{REFERENCE_METHOD}; a dash where there is no single {REFERENCE_METHOD} "
-                f"run to compare with); {markup.seeds_header}: number of runs. "
+        esc = markup.escape
+        return (f"{esc(title)}. Mean seconds over runs per stage the runs logged; Total: the "
+                f"sum of the stages each run logged, as if computed from scratch (a reused "
+                f"phase 1 counts the time of the run that trained it, not its loading); "
+                f"{esc(ratio_title(reference))}: the method's total divided by "
+                f"{esc(reference)}'s total for the same loss (above 1: slower than "
+                f"{esc(reference)}; a dash where there is no single {esc(reference)} cell to "
+                f"compare with); {markup.seeds_header}: number of runs. "
                 f"{experiments_text(experiments, markup)}")
     return caption
 
@@ -689,7 +771,9 @@ class Report:
     labels carrying every ``loss.*`` / ``method.*`` parameter logged, so eos with K=3 is a
     cell of its own.  Seeds are what a cell averages over; a seed run twice counts once (its
     latest run, ``latest_per_seed``).  The ``layout`` decides how cells make score tables;
-    runtime tables and figures are per setting.  ``prefix`` starts every file name.
+    runtime tables and figures are per setting.  ``prefix`` starts every file name.  Runtime
+    tables divide every total by the ``reference`` method's; ``stages`` are the stage times
+    the runs logged, in pipeline order; ``orders`` sorts rows and columns.
     """
 
     runs: pd.DataFrame
@@ -697,38 +781,58 @@ class Report:
     runtimes: pd.DataFrame
     experiments: list[str]
     gm_form: str
-    layout: Layout = GENERIC
-    prefix: str = ""
+    layout: Layout
+    prefix: str
+    reference: str
+    stages: list[str]
+    orders: Orders
 
     @classmethod
     def build(cls, runs: pd.DataFrame, experiments: list[str], gm_form: str,
-              layout: Layout = GENERIC, prefix: str = "") -> "Report":
+              layout: Layout = GENERIC, prefix: str = "", reference: str = DEFAULT_REFERENCE,
+              methods: tuple[str, ...] | None = None,
+              groups: dict[str, tuple[str, ...]] | None = None) -> "Report":
+        """``methods``: their order (a grid's), else ``method_order``; ``groups``: row group
+        name -> its methods, for layouts with a group level (without, that level is left
+        out); a method in no group gets the group ""."""
+        group_of = {method: name for name, members in (groups or {}).items()
+                    for method in members}
+        runs = runs.assign(**{GROUP_FIELD: runs["method"].map(lambda m: group_of.get(m, ""))})
         runs = with_total_time(latest_per_seed(runs))
+        stages = stage_metrics(runs.columns)
         # A paper table's file is named after it even without a grid to name the report.
-        prefix = prefix or ("" if layout is GENERIC else layout.name)
+        prefix = prefix or ("" if layout.name == GENERIC.name else layout.name)
+        orders = report_orders(methods or method_order(runs["method"], reference),
+                               tuple(groups or ()))
         return cls(runs, aggregate(runs, list(score_metrics(gm_form).values())),
-                   aggregate(runs, runtime_metrics()), experiments, gm_form, layout, prefix)
+                   aggregate(runs, stages + [TOTAL_TIME]), experiments, gm_form,
+                   layout if groups else layout.without_groups(), prefix, reference, stages,
+                   orders)
 
     def score_tables(self) -> list[Table]:
         tables = []
-        for piece in pieces(cells_of(self.scores), self.layout, self.prefix):
-            notes = [(level.header.lower(), row_settings_note(piece.cells, level))
-                     for level in self.layout.rows if level.folded]
+        levels = self.layout.rows + ((self.layout.group,) if self.layout.group else ())
+        for piece in pieces(cells_of(self.scores), self.layout, self.prefix, self.orders):
+            notes = [(level.header.lower(), level_settings_note(piece.cells, level, self.orders))
+                     for level in levels if level.folded]
             caption = score_caption(piece.title, self.gm_form, self.experiments,
                                     self.layout.best, [n for n in notes if n[1]])
-            tables.append(score_table(piece, self.layout, score_metrics(self.gm_form), caption))
+            tables.append(score_table(piece, self.layout, score_metrics(self.gm_form), caption,
+                                      self.orders))
         return tables
 
     def runtime_tables(self) -> list[Table]:
-        return [runtime_table(piece, runtime_caption(piece.title, self.experiments))
-                for piece in pieces(cells_of(self.runtimes), RUNTIME, self.prefix)]
+        return [runtime_table(piece, self.stages, self.reference,
+                              runtime_caption(piece.title, self.experiments, self.reference),
+                              self.orders)
+                for piece in pieces(cells_of(self.runtimes), RUNTIME, self.prefix, self.orders)]
 
     def tables(self) -> list[Table]:
         return self.score_tables() + self.runtime_tables()
 
     def settings(self) -> list[Piece]:
         """The report's settings (one per runtime table), for the figures."""
-        return pieces(cells_of(self.scores), RUNTIME, self.prefix)
+        return pieces(cells_of(self.scores), RUNTIME, self.prefix, self.orders)
 
 
 # Figures --------------------------------------------------------------------------------------
@@ -783,7 +887,7 @@ def plot_k_sensitivity(curves: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def recall_by_class(runs: pd.DataFrame, piece: Piece):
+def recall_by_class(runs: pd.DataFrame, piece: Piece, orders: Orders):
     """``(classes, their training counts, {loss: {method: mean recall per class}})`` for one
     setting, classes sorted by training size (largest first), means over seeds; None when its
     runs logged no per-class recall."""
@@ -803,7 +907,7 @@ def recall_by_class(runs: pd.DataFrame, piece: Piece):
     means = mine.groupby(["loss_label", "method_label"])[columns].mean()
     by_loss: dict[str, dict[str, list[float]]] = {}
     for (loss, method), row in sorted(means.iterrows(), key=lambda item: (
-            order_key("loss_label", item[0][0]), order_key("method_label", item[0][1]))):
+            orders.key("loss_label", item[0][0]), orders.key("method_label", item[0][1]))):
         by_loss.setdefault(loss, {})[method] = row[columns].tolist()
     return order, [counts[c] for c in order], by_loss
 
@@ -844,7 +948,7 @@ def write_figures(report: Report, out: Path) -> list[tuple[str, Path]]:
             path = out / f"{figure_stem(report, 'k-sensitivity', piece.slug)}.png"
             plot_k_sensitivity(curves, title, path)
             written.append((title, path))
-        recall = recall_by_class(report.runs, piece)
+        recall = recall_by_class(report.runs, piece, report.orders)
         if recall is not None:
             title = f"Per-class recall: {piece.setting}"
             path = out / f"{figure_stem(report, 'recall', piece.slug)}.png"
@@ -918,7 +1022,9 @@ GROUPING_NOTE = (
     "the parameters its runs logged: eos and 'eos (K=3)' are separate) is a cell, averaged over "
     "seeds; only the latest run of a cell and seed counts, and runs of several experiments "
     "with one setting share cells.  Generic layout: a table per setting, rows loss, columns "
-    "method.  --grid with a spec named table2 / table4 / table5 picks the paper's layout.")
+    "method.  --grid with a spec named table1 / table2 / table4 / table5 picks the paper's "
+    "layout; methods then come in the spec's order (else alphabetically, the reference last), "
+    "and Table I groups its rows by the spec's `groups:`.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -933,8 +1039,14 @@ def build_parser() -> argparse.ArgumentParser:
                              f"experiment with --grid, else {DEFAULT_EXPERIMENT}")
     parser.add_argument("--grid", metavar="SPEC",
                         help="grid spec (YAML): report only its cells (runs tagged with one "
-                             "of its cell keys), from its experiment; specs named table2, "
-                             "table4 or table5 get the paper's layout")
+                             "of its cell keys), from its experiment, methods in its order; "
+                             "specs named table1, table2, table4 or table5 get the paper's "
+                             "layout")
+    parser.add_argument("--reference", metavar="METHOD",
+                        help="method whose total time the runtime tables divide each total "
+                             "by (column 'vs METHOD'; a dash in a table without it); default: "
+                             f"the grid spec's `reference:` with --grid, else "
+                             f"{DEFAULT_REFERENCE}")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"folder for the files; default {DEFAULT_OUT}/")
     parser.add_argument("--format", default=DEFAULT_FORMAT,
@@ -957,32 +1069,84 @@ class Scope:
     cell_keys: set[str] | None = None
     grid: str | None = None
     layout: Layout = GENERIC
+    reference: str = DEFAULT_REFERENCE
+    methods: tuple[str, ...] | None = None  # their order; None: ``method_order``
+    groups: dict[str, tuple[str, ...]] | None = None  # row group -> its methods
 
 
 def scope_of(args: argparse.Namespace) -> Scope:
+    """The runs and layout of a report: an experiment's runs, or a grid's cells with its
+    layout (after its name), its order of methods and its ``reference`` and ``groups`` keys;
+    ``--reference`` overrides the spec's."""
     experiments = [e for e in dict.fromkeys(args.experiments or []) if e != UNSET]
+    reference = None if args.reference in (None, "", UNSET) else args.reference
     if args.grid in (None, "", UNSET):
-        return Scope(experiments or [DEFAULT_EXPERIMENT])
-    from benchmark.studies import Grid, cell_key
+        return Scope(experiments or [DEFAULT_EXPERIMENT], reference=reference or
+                     DEFAULT_REFERENCE)
+    from benchmark.studies import Grid, cell_key, read_spec
 
     grid = Grid.from_spec(args.grid)
+    spec = read_spec(args.grid)
     keys = {cell_key(cfg) for cfg in grid.cells}
+    methods = tuple(dict.fromkeys(cfg.method for cfg in grid.cells))
     return Scope(experiments or [grid.experiment], keys, grid.name,
-                 PAPER_LAYOUTS.get(grid.name, GENERIC))
+                 PAPER_LAYOUTS.get(grid.name, GENERIC),
+                 reference or spec_reference(spec, methods, args.grid), methods,
+                 spec_groups(spec, methods, args.grid))
+
+
+def spec_reference(spec: dict, methods: tuple[str, ...], where: str) -> str:
+    """A grid spec's ``reference:`` (one of its methods), else ``DEFAULT_REFERENCE``."""
+    reference = spec.get("reference", DEFAULT_REFERENCE)
+    if "reference" in spec and reference not in methods:
+        raise UserError(f"{where}: reference '{reference}' is none of the grid's methods "
+                        f"({', '.join(methods)})")
+    return reference
+
+
+def spec_groups(spec: dict, methods: tuple[str, ...], where: str) -> dict | None:
+    """A grid spec's ``groups:``, row group name -> its methods, in the spec's order; every
+    method of the grid in exactly one group.  None without the key."""
+    groups = spec.get("groups")
+    if groups is None:
+        return None
+    if not isinstance(groups, dict) or not groups or not all(
+            isinstance(members, list) and all(isinstance(m, str) for m in members)
+            for members in groups.values()):
+        raise UserError(f"{where}: groups must map each row group's name to a list of methods")
+    listed = [m for members in groups.values() for m in members]
+    twice = sorted({m for m in listed if listed.count(m) > 1})
+    if twice:
+        raise UserError(f"{where}: groups list {', '.join(twice)} in more than one group")
+    stray = [m for m in listed if m not in methods]
+    if stray:
+        raise UserError(f"{where}: groups name {', '.join(stray)}, which the grid does not run "
+                        f"(its methods: {', '.join(methods)})")
+    missing = [m for m in methods if m not in listed]
+    if missing:
+        raise UserError(f"{where}: method(s) {', '.join(missing)} of the grid are in no group "
+                        f"of groups")
+    return {str(name): tuple(members) for name, members in groups.items()}
 
 
 def make_report(args: argparse.Namespace) -> int:
     output_format = check_choice(DEFAULT_FORMAT if args.format == UNSET else args.format,
                                  tuple(FORMATS), "format")
     gm_form = check_choice(args.gm, tuple(GM_FORMS), "GM form")
+    tracking.prepare_store(write=not args.no_log)  # one clear line if the store is unusable
     scope = scope_of(args)
     runs = gather_runs(scope.experiments, scope.cell_keys, scope.grid)
-    report = Report.build(runs, scope.experiments, gm_form, scope.layout, scope.grid or "")
+    report = Report.build(runs, scope.experiments, gm_form, scope.layout, scope.grid or "",
+                          scope.reference, scope.methods, scope.groups)
     # With markdown on stdout, everything else goes to stderr so that it can be piped.
     notes = sys.stderr if output_format == "markdown" else sys.stdout
     if len(report.runs) < len(runs):
         print(f"note: {len(runs) - len(report.runs)} older run(s) repeat a cell and seed and "
               f"are left out", file=sys.stderr)
+    if scope.reference not in set(report.runs["method"]):
+        print(f"note: no run of the reference method '{scope.reference}': the runtime tables' "
+              f"'{ratio_title(scope.reference)}' column is a dash (choose one with --reference)",
+              file=sys.stderr)
     written, markdown = write_report(report, Path(args.out), FORMATS[output_format])
     if output_format == "markdown":
         print(markdown, end="")
@@ -995,7 +1159,8 @@ def make_report(args: argparse.Namespace) -> int:
              "tables": [p for p in written if p.suffix != ".png"]},
             params={"experiments": ",".join(scope.experiments), "grid_spec": args.grid or "",
                     "grid_name": scope.grid or "", "layout": scope.layout.name, "gm": gm_form,
-                    "format": output_format, "runs": len(report.runs)},
+                    "format": output_format, "runs": len(report.runs),
+                    "reference": scope.reference},
             # No `grid` tag: that one marks a grid's cells.
             tags={TAG_ROLE: REPORT_ROLE})
         print(f"logged the report as run {run_id} in experiment {scope.experiments[0]}",

@@ -1,24 +1,32 @@
 """Experiment grids (only the missing cells) and Optuna studies over K, step and epochs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import sys
+import time
+import traceback
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from benchmark import tracking
 from benchmark.config import RunConfig
-from benchmark.errors import DivergenceError, RunStopped, UserError
+from benchmark.errors import DivergenceError, RunStopped, UserError, one_line
 from benchmark.registry import METHODS
 
 # Fields of RunConfig that change where a run is logged or how it is computed, not what it is.
 NOT_IDENTITY = ("experiment", "device", "data_root", "download", "compile")
 TAG_CELL = "cell_key"
 TAG_GRID = "grid"
+# What a spec may hold where one value or a list of them is expected (YAML's plain values).
+SCALARS = (str, int, float, bool, type(None))
 
 
 def read_spec(path: str | Path) -> dict:
@@ -36,17 +44,56 @@ def read_spec(path: str | Path) -> dict:
     return spec
 
 
-def config_from(values: dict, spec_name: str) -> RunConfig:
+def config_from(values: dict, where: str) -> RunConfig:
     """A RunConfig from spec values; a key RunConfig does not have is a method parameter
     when the method takes it, and an error otherwise (checked when resolved)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     known = {k: v for k, v in values.items() if k in fields}
     extra = {k: v for k, v in values.items() if k not in fields}
-    known["method_params"] = {**known.get("method_params", {}), **extra}
+    given = known.get("method_params") or {}
+    if not isinstance(given, dict):
+        raise UserError(f"{where}: method_params must be a mapping (name: value), got "
+                        f"{describe(given)}")
+    known["method_params"] = {**given, **extra}
     try:
         return RunConfig(**known)
     except TypeError as err:
-        raise UserError(f"{spec_name}: {err}") from None
+        raise UserError(f"{where}: {err}") from None
+
+
+def resolved_in(cfg: RunConfig, where: str) -> RunConfig:
+    """``cfg.resolved()``, its mistakes (a wrong type, name or number) told as one line that
+    names the spec file."""
+    try:
+        return cfg.resolved()
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def describe(value: Any) -> str:
+    """A value as an error message names it: its YAML kind, or itself when plain."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_values(value: Any, where: str) -> None:
+    """One plain value, or a non-empty list of them (an axis of a grid)."""
+    if isinstance(value, list):
+        if not value:
+            raise UserError(f"{where} is an empty list; give at least one value")
+        for item in value:
+            if not isinstance(item, SCALARS):
+                raise UserError(f"{where} must list plain values, got {describe(item)} in it")
+    elif not isinstance(value, SCALARS):
+        raise UserError(f"{where} must be a value or a list of values, got {describe(value)}")
+
+
+def check_mapping(value: Any, where: str, what: str = "a mapping (name: value)") -> None:
+    if value is not None and not isinstance(value, dict):
+        raise UserError(f"{where} must be {what}, got {describe(value)}")
 
 
 def cell_key(cfg: RunConfig) -> str:
@@ -58,6 +105,10 @@ def cell_key(cfg: RunConfig) -> str:
 # Grids ---------------------------------------------------------------------------------------
 GRID_AXES = {"datasets": "dataset", "losses": "loss", "methods": "method",
              "backbones": "backbone", "ratios": "ratio", "seeds": "seed"}
+# What a block (a partial spec) may set; the top level also names the grid and its experiment.
+# `reference` and `groups` shape the grid's report (see benchmark.report).
+BLOCK_KEYS = ("settings", "method_params", "description", *GRID_AXES)
+GRID_KEYS = ("name", "experiment", "blocks", "reference", "groups", *BLOCK_KEYS)
 
 
 @dataclass
@@ -75,21 +126,16 @@ class Grid:
     @classmethod
     def from_spec(cls, path: str | Path, overrides: dict | None = None) -> "Grid":
         spec = read_spec(path)
+        check_grid_spec(spec, str(path))
         name = spec.get("name", Path(path).stem)
         experiment = spec.get("experiment", f"grid-{name}")
-        unknown = set(spec) - {"name", "experiment", "blocks", "settings", "method_params",
-                               "description", *GRID_AXES}
-        if unknown:
-            raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; grid specs "
-                            f"take {', '.join(sorted(GRID_AXES))}, method_params, settings, "
-                            f"blocks, experiment, name")
         cells: list[RunConfig] = []
         for block in spec.get("blocks") or [{}]:
-            merged = {**spec, **block, "settings": {**spec.get("settings", {}),
-                                                    **block.get("settings", {})}}
+            merged = {**spec, **block, "settings": {**(spec.get("settings") or {}),
+                                                    **(block.get("settings") or {})}}
             cells.extend(cls._cells(merged, experiment, overrides or {}, str(path)))
         # Resolving checks every cell, so a mistake in the spec shows before anything runs.
-        unique = {cell_key(cfg): cfg for cfg in (c.resolved() for c in cells)}
+        unique = {cell_key(cfg): cfg for cfg in (resolved_in(c, str(path)) for c in cells)}
         return cls(name=name, experiment=experiment, cells=list(unique.values()))
 
     @staticmethod
@@ -106,10 +152,48 @@ class Grid:
             values["experiment"] = experiment
             cfg = config_from(values, where)
             # A parameter axis applies to the methods that take it (K means nothing to `none`).
-            accepted = METHODS.create(cfg.method).accepted_params() if cfg.method in METHODS \
-                else set()
+            # A method that is no name is refused when the cell is resolved.
+            accepted = METHODS.create(cfg.method).accepted_params() \
+                if isinstance(cfg.method, str) and cfg.method in METHODS else set()
             cfg.method_params.update({k: v for k, v in params.items() if k in accepted})
             yield cfg
+
+
+def check_grid_spec(spec: dict, where: str) -> None:
+    """The shape of a grid spec (``UserError`` naming the file and the key): every axis one
+    value or a list of them, ``settings`` and ``method_params`` mappings, ``blocks`` a list of
+    mappings.  The values themselves are checked when the cells are resolved."""
+    _check_keys(spec, GRID_KEYS, where, "grid specs")
+    for key in ("name", "experiment"):
+        if key in spec and not (isinstance(spec[key], str) and spec[key]):
+            raise UserError(f"{where}: {key} must be a non-empty text, got {describe(spec[key])}")
+    blocks = spec.get("blocks")
+    if blocks is not None and not (isinstance(blocks, list) and blocks):
+        raise UserError(f"{where}: blocks must be a non-empty list of mappings (partial specs), "
+                        f"got {describe(blocks)}")
+    _check_grid_part(spec, where, "")
+    for number, block in enumerate(blocks or []):
+        prefix = f"blocks[{number}]"
+        check_mapping(block, f"{where}: {prefix}", "a mapping (a partial spec)")
+        _check_keys(block, BLOCK_KEYS, f"{where}: {prefix}", "a block")
+        _check_grid_part(block, where, f"{prefix}.")
+
+
+def _check_keys(spec: dict, allowed: tuple[str, ...], where: str, what: str) -> None:
+    unknown = sorted(set(map(str, spec)) - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; {what} take "
+                        f"{', '.join(sorted(allowed))}")
+
+
+def _check_grid_part(part: dict, where: str, prefix: str) -> None:
+    for plural in GRID_AXES:
+        if plural in part:
+            check_values(part[plural], f"{where}: {prefix}{plural}")
+    for key in ("settings", "method_params"):
+        check_mapping(part.get(key), f"{where}: {prefix}{key}")
+    for name, values in (part.get("method_params") or {}).items():
+        check_values(values, f"{where}: {prefix}method_params.{name}")
 
 
 def _as_list(value: Any) -> list:
@@ -126,8 +210,29 @@ def order_for_sharing(cells: list[RunConfig]) -> list[RunConfig]:
     return sorted(cells, key=RunConfig.phase1_key)
 
 
+def cell_label(cfg: RunConfig) -> str:
+    return f"{cfg.dataset}/{cfg.loss}/{cfg.method}/{cfg.backbone} seed {cfg.seed}"
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line: the error's type and message, and where it was raised when it is no
+    failure the suite expects (a bug shows its place without a traceback on every cell)."""
+    reason = f"{type(err).__name__}: {one_line(err)}"
+    if not isinstance(err, (UserError, DivergenceError)):
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames:
+            reason += f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})"
+    return reason
+
+
 def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True) -> dict:
-    """Run every cell of the grid that has no finished run yet; returns counts."""
+    """Run every cell of the grid that has no finished run yet; returns counts, and under
+    ``failures`` a ``(cell, reason)`` pair per failed cell.
+
+    A mistake in the spec stops everything before any cell runs (``UserError``), and so does
+    one met by the first cell (missing data, say: likely every cell's).  After that a cell that
+    fails, for whatever reason, is recorded (its run, if it got one, ends FAILED with the
+    reason) and the grid goes on with the others.  An interrupt stops the grid."""
     from tqdm.auto import tqdm
 
     from benchmark.pipeline import run_cell
@@ -136,7 +241,7 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
     done = finished_cell_keys(grid.experiment)
     todo = order_for_sharing([cfg for cfg in grid.cells if cell_key(cfg) not in done])
     counts = {"cells": len(grid.cells), "already_finished": len(grid.cells) - len(todo),
-              "ran": 0, "failed": 0, "phase1_trained": 0}
+              "ran": 0, "failed": 0, "phase1_trained": 0, "failures": []}
     bar = tqdm(todo, desc=f"grid {grid.name}", unit="cell", disable=not progress or not todo,
                dynamic_ncols=True)
     for cfg in bar:
@@ -144,10 +249,13 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
         try:
             result = run_cell(cfg, progress=False, tags={TAG_CELL: cell_key(cfg),
                                                          TAG_GRID: grid.name})
-        except DivergenceError as err:
+        except Exception as err:  # noqa: BLE001  (one failed cell must not cost the others)
+            if isinstance(err, UserError) and not counts["ran"] and not counts["failed"]:
+                raise
+            reason = failure_reason(err)
             counts["failed"] += 1
-            tqdm.write(f"cell failed ({cfg.method}, {cfg.loss}, seed {cfg.seed}): {err}",
-                       file=sys.stderr)
+            counts["failures"].append((cell_label(cfg), reason))
+            tqdm.write(f"cell failed ({cell_label(cfg)}): {reason}", file=sys.stderr)
             continue
         counts["ran"] += 1
         counts["phase1_trained"] += not result["phase1_reused"]
@@ -159,12 +267,33 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
     return counts
 
 
+def grid_summary(counts: dict) -> str:
+    """What a grid did, for the end of the command: one line, then one per failed cell."""
+    lines = [f"grid: {counts['cells']} cells, {counts['already_finished']} already finished, "
+             f"{counts['ran']} ran ok now ({counts['phase1_trained']} phase-1 trainings), "
+             f"{counts['failed']} failed; experiment '{counts['experiment']}'"]
+    lines += [f"  failed: {cell}: {reason}" for cell, reason in counts.get("failures", [])]
+    return "\n".join(lines)
+
+
 # Optuna studies ------------------------------------------------------------------------------
 DEFAULT_JOURNAL = "optuna-studies.log"
 TAG_STUDY = "optuna_study"
 TAG_TRIAL = "optuna_trial"
 TAG_ROLE = "study_role"  # "study" (the parent), "trial", "final" (the test evaluation)
 TAG_TRIAL_STATE = "trial_state"
+STUDY_KEYS = ("study", "experiment", "trials", "cell", "search_space", "sampler", "pruner",
+              "storage", "description")
+DISTRIBUTION_KEYS = {"int": ("type", "low", "high", "log"),
+                     "float": ("type", "low", "high", "log"),
+                     "categorical": ("type", "choices")}
+# The Optuna user attribute naming the process that runs a trial (file-locked storages).
+ATTR_WORKER = "benchmark_worker"
+# How often a process whose free trial slots are all taken by running trials looks again
+# (one of them may yet be pruned or fail, and then it runs a replacement).
+WAIT_FOR_SLOT_S = 2.0
+# Server databases (several machines): Optuna's heartbeat tells a dead process's trials.
+HEARTBEAT_S, GRACE_S = 60, 300
 
 
 @dataclass
@@ -179,33 +308,106 @@ class StudySpec:
     sampler: dict
     pruner: dict
     storage: str | None
+    source: str = ""  # the spec file, for messages
 
     @classmethod
     def from_file(cls, path: str | Path) -> "StudySpec":
+        """The spec, its shape checked (``UserError`` naming the file and the key); the
+        cell and the ends of every range are resolved as configurations by ``check``."""
+        where = str(path)
         spec = read_spec(path)
+        _check_keys(spec, STUDY_KEYS, where, "study specs")
         missing = [k for k in ("study", "cell", "search_space", "sampler") if k not in spec]
         if missing:
-            raise UserError(f"{path}: missing {', '.join(missing)} (a study spec names its "
+            raise UserError(f"{where}: missing {', '.join(missing)} (a study spec names its "
                             "study, cell, search_space and a seeded sampler)")
-        sampler = dict(spec["sampler"])
-        if "seed" not in sampler:
-            raise UserError(f"{path}: the sampler needs a seed (Optuna's defaults change "
-                            "between versions, so the spec names and seeds its sampler)")
+        for key in ("study", "experiment", "storage"):
+            if key in spec and not (isinstance(spec[key], str) and spec[key]):
+                raise UserError(f"{where}: {key} must be a non-empty text, got "
+                                f"{describe(spec[key])}")
         trials = spec.get("trials", 12)
-        if not isinstance(trials, int) or trials < 1:
-            raise UserError(f"{path}: trials must be a positive integer, got {trials}")
-        for name, dist in spec["search_space"].items():
-            if not isinstance(dist, dict) or dist.get("type") not in ("int", "float",
-                                                                      "categorical"):
-                raise UserError(f"{path}: search_space.{name} needs type int, float or "
-                                "categorical")
+        if not _is_int(trials) or trials < 1:
+            raise UserError(f"{where}: trials must be a positive integer, got {describe(trials)}")
+        check_mapping(spec["cell"], f"{where}: cell", "a mapping of the cell's settings")
+        sampler, pruner = spec["sampler"], spec.get("pruner") or {"name": "MedianPruner"}
+        for key, value in (("sampler", sampler), ("pruner", pruner)):
+            example = "{name: TPESampler, seed: 0}" if key == "sampler" else "{name: NopPruner}"
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+                raise UserError(f"{where}: {key} must be a mapping with a name, such as "
+                                f"{example}, got {describe(value)}")
+        if "seed" not in sampler:
+            raise UserError(f"{where}: the sampler needs a seed (Optuna's defaults change "
+                            "between versions, so the spec names and seeds its sampler)")
+        if not _is_int(sampler["seed"]) or sampler["seed"] < 0:
+            raise UserError(f"{where}: sampler.seed must be a non-negative integer, got "
+                            f"{describe(sampler['seed'])}")
+        space = spec["search_space"]
+        if not isinstance(space, dict) or not space:
+            raise UserError(f"{where}: search_space must be a mapping of parameter name to "
+                            f"distribution, such as {{k_neighbors: {{type: int, low: 5, high: "
+                            f"300}}}}, got {describe(space)}")
+        for name, dist in space.items():
+            check_distribution(dist, f"{where}: search_space.{name}")
         return cls(name=spec["study"], experiment=spec.get("experiment", "eos-tuning"),
-                   trials=trials, cell=dict(spec["cell"]), space=dict(spec["search_space"]),
-                   sampler=sampler, pruner=dict(spec.get("pruner") or {"name": "MedianPruner"}),
-                   storage=spec.get("storage"))
+                   trials=trials, cell=dict(spec["cell"] or {}), space=dict(space),
+                   sampler=dict(sampler), pruner=dict(pruner), storage=spec.get("storage"),
+                   source=where)
 
     def config(self, params: dict) -> RunConfig:
-        return config_from({**self.cell, **params, "experiment": self.experiment}, self.name)
+        return config_from({**self.cell, **params, "experiment": self.experiment},
+                           self.source or self.name)
+
+    def check(self) -> None:
+        """Resolve the cell, and the cell with each parameter at each end of its range (each
+        choice): a value the configuration refuses fails here, before anything is created."""
+        resolved_in(self.config({}), f"{self.source}: cell")
+        for name, dist in self.space.items():
+            probes = dist["choices"] if dist["type"] == "categorical" else \
+                (dist["low"], dist["high"])
+            for value in probes:
+                resolved_in(self.config({name: value}),
+                            f"{self.source}: search_space.{name} = {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_distribution(dist: Any, where: str) -> None:
+    """One search-space entry: ``{type: int|float, low, high, log}`` with low <= high (and
+    low > 0 on a log scale), or ``{type: categorical, choices: [...]}`` with plain choices."""
+    kind = dist.get("type") if isinstance(dist, dict) else None
+    if kind not in DISTRIBUTION_KEYS:
+        got = describe(kind) if isinstance(dist, dict) else describe(dist)
+        raise UserError(f"{where} needs type int, float or categorical, such as {{type: int, "
+                        f"low: 5, high: 300}}, got {got}")
+    _check_keys(dist, DISTRIBUTION_KEYS[kind], where, f"{kind} distributions")
+    if kind == "categorical":
+        choices = dist.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: a categorical needs a non-empty list of choices, got "
+                            f"{describe(choices)}")
+        check_values(choices, f"{where}.choices")
+        return
+    fits = _is_int if kind == "int" else _is_number
+    for end in ("low", "high"):
+        if end not in dist:
+            raise UserError(f"{where}: a range needs low and high; {end} is missing")
+        if not fits(dist[end]):
+            raise UserError(f"{where}.{end} must be {'an integer' if kind == 'int' else 'a number'}"
+                            f", got {describe(dist[end])}")
+    if dist["low"] > dist["high"]:
+        raise UserError(f"{where}: low ({dist['low']}) is above high ({dist['high']})")
+    if not isinstance(dist.get("log", False), bool):
+        raise UserError(f"{where}.log must be true or false, got {describe(dist['log'])}")
+    if dist.get("log") and dist["low"] <= 0:
+        raise UserError(f"{where}: a log scale needs low > 0, got {dist['low']}")
 
 
 def make_storage(url: str | None):
@@ -217,18 +419,212 @@ def make_storage(url: str | None):
 
     if url is None or "://" not in url:
         return JournalStorage(JournalFileBackend(url or DEFAULT_JOURNAL))
-    return optuna.storages.RDBStorage(url)
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S)
 
 
-def _component(module, spec: dict, kind: str):
+class FileLock:
+    """An exclusive inter-process lock on a file (``flock``), held while its descriptor is
+    open: others wait for it, and the system lets it go when its holder dies, so a killed
+    process leaves no stale lock behind.  Not re-entrant; POSIX only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = True) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:  # an interrupt while waiting
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Let the lock go; nothing when it is not held."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class DatabaseLock:
+    """A server's advisory lock (PostgreSQL ``pg_advisory_lock``, MySQL ``GET_LOCK``) held on a
+    connection of its own: others wait for it, and the server lets it go when the connection
+    drops, so a killed process leaves no stale lock behind."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+        self._connection = None
+
+    def _execute(self, connection, action: str) -> None:
+        from sqlalchemy import text
+
+        digest = hashlib.sha256(self.name.encode()).digest()
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(digest[:8], "big", signed=True)  # a bigint names the lock
+            connection.execute(text(f"SELECT pg_advisory_{action}(:key)"), {"key": key})
+        else:  # MySQL and MariaDB: a name of at most 64 characters; -1 waits for ever
+            sql = "SELECT GET_LOCK(:name, -1)" if action == "lock" else "SELECT RELEASE_LOCK(:name)"
+            connection.execute(text(sql), {"name": digest.hex()[:60]})
+
+    def acquire(self) -> None:
+        # Autocommit: the lock belongs to the session, and no transaction stays open for hours.
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            self._execute(connection, "lock")
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+
+    def release(self) -> None:
+        """Let the lock go; nothing when it is not held."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                self._execute(connection, "unlock")
+            finally:
+                connection.close()
+
+    def __enter__(self) -> "DatabaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class StudyLocks:
+    """The locks that keep a study exact however many processes share it.
+
+    - ``claims()``: held while a process counts the study's trials and creates one (so that
+      COMPLETE plus RUNNING trials never exceed the target), and while the parent run is
+      found or created.
+    - ``phase1(key)``: held while a trial trains the phase 1 of ``key``; the others wait,
+      then reuse it.
+    - ``final()``: held while the best trial's test evaluation is looked for and, if missing,
+      run.
+
+    A journal file or SQLite storage (one machine) keeps its locks as files in a folder beside
+    it, ``<storage file>.locks/``; a process there also holds a lock file of its own for as
+    long as it runs trials, so that the trials of a killed process are told by their lock
+    being free (and are failed, freeing their slots).  A PostgreSQL or MySQL storage (several
+    machines) uses the server's advisory locks, and Optuna's heartbeat for killed processes.
+    """
+
+    def __init__(self, storage_url: str | None, study: str):
+        from benchmark.store import sqlite_path
+
+        url = storage_url or DEFAULT_JOURNAL
+        self.study = hashlib.sha256(study.encode()).hexdigest()[:16]
+        self.folder: Path | None = None
+        self.engine = None
+        if "://" not in url:
+            self.folder = Path(url).absolute().parent / f"{Path(url).name}.locks"
+        elif url.startswith("sqlite"):
+            database = sqlite_path(url)
+            if database is None:  # in memory: one process only, nothing to share
+                database = Path(f"optuna-memory-{os.getpid()}")
+            self.folder = database.parent / f"{database.name}.locks"
+        else:
+            import sqlalchemy
+            from sqlalchemy.pool import NullPool
+
+            self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+            if self.engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
+                raise UserError(f"storage {url}: studies shared by several processes need a "
+                                f"journal file, SQLite, PostgreSQL or MySQL storage")
+        self.worker = uuid.uuid4().hex
+        self._worker_lock: FileLock | None = None
+
+    def _lock(self, name: str):
+        if self.folder is not None:
+            return FileLock(self.folder / f"{name}.lock")
+        return DatabaseLock(self.engine, f"benchmark-{name}")
+
+    def claims(self):
+        return self._lock(f"{self.study}-claims")
+
+    def final(self):
+        return self._lock(f"{self.study}-final")
+
+    def phase1(self, key: str):
+        return self._lock(f"phase1-{key}")  # store-wide: studies sharing a cell share it too
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """This process is alive, for as long as the block runs (file-locked storages)."""
+        if self.folder is not None:
+            self._worker_lock = FileLock(self.folder / f"worker-{self.worker}.lock")
+            self._worker_lock.acquire()
+        try:
+            yield
+        finally:
+            if self._worker_lock is not None:
+                self._worker_lock.release()
+                self._worker_lock.path.unlink(missing_ok=True)
+                self._worker_lock = None
+
+    def _alive(self, worker: str | None) -> bool:
+        if worker == self.worker:
+            return True
+        path = self.folder / f"worker-{worker}.lock"
+        if not worker or not path.exists():
+            return False
+        probe = FileLock(path)
+        if not probe.acquire(wait=False):
+            return True
+        probe.release()
+        path.unlink(missing_ok=True)
+        return False
+
+    def fail_dead_trials(self, study) -> list[int]:
+        """Mark FAIL the RUNNING trials whose process is gone (call with ``claims()`` held);
+        returns their numbers."""
+        import optuna
+
+        if self.folder is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optuna.storages.fail_stale_trials(study)
+            return []
+        dead = [t.number for t in study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if not self._alive(t.user_attrs.get(ATTR_WORKER))]
+        for number in dead:
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        return dead
+
+
+def _component(module, spec: dict, kind: str, where: str):
+    """An Optuna sampler or pruner from its spec ``{name: ..., <its arguments>}``."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if not name or not hasattr(module, name):
-        raise UserError(f"unknown Optuna {kind} '{name}'")
+        raise UserError(f"{where}: unknown Optuna {kind} '{name}'")
     try:
         return getattr(module, name)(**spec)
-    except TypeError as err:
-        raise UserError(f"bad {kind} settings for {name}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: bad {kind} settings for {name}: {one_line(err)}") from None
 
 
 def suggest(trial, space: dict) -> dict:
@@ -249,59 +645,94 @@ class _Pruned(RunStopped):
     """Raised inside a trial's run when Optuna's pruner stops it."""
 
 
+@contextlib.contextmanager
+def phase1_trained_once(locks: StudyLocks, cfg: RunConfig) -> Iterator[None]:
+    """Run the block (a trial) holding the lock of its phase 1 when no finished run holds that
+    phase 1 yet: the trial that trains it goes first, and the others, waiting here, then find
+    and reuse it.  Without the lock, two processes starting a study would both train it."""
+    key = cfg.resolved().phase1_key()
+    if tracking.find_phase1_run(key) is not None:
+        yield
+        return
+    with locks.phase1(key):
+        yield
+
+
 def run_study(path: str | Path, storage: str | None = None, trials: int | None = None,
               progress: bool = True) -> dict:
     """Run (or continue) a study until it holds ``trials`` completed trials, every trial a
     nested MLflow run under one parent per study; then evaluate the best configuration on test
-    once.  The objective is validation BAC; test is never seen by the search."""
+    once.  The objective is validation BAC; test is never seen by the search.
+
+    Several processes may share a study (the same command started again, with the same
+    storage): each claims a trial only while COMPLETE plus RUNNING trials stay below the
+    target, under ``StudyLocks.claims()``, so the study ends with exactly ``trials`` complete
+    ones; a process with no slot left waits while a running trial might still be pruned or
+    fail.  Phase 1 is trained once (by the first trial, under its phase-1 lock) and the test
+    evaluation happens once (under the final lock).  A process that joins a study already
+    holding N trials seeds its sampler with seed + N, so that it does not draw the same random
+    start-up trials again; one process on a fresh study keeps the spec's seed."""
     import optuna
 
     from benchmark.pipeline import run_cell
 
     spec = StudySpec.from_file(path)
     target = trials or spec.trials
-    sampler = _component(optuna.samplers, spec.sampler, "sampler")
-    pruner = _component(optuna.pruners, spec.pruner, "pruner")
-    spec.config({}).resolved()  # a bad cell fails before anything is created
-    for name, dist in spec.space.items():
-        probe = dist["low"] if dist["type"] != "categorical" else dist["choices"][0]
-        spec.config({name: probe}).resolved()
+    sampler = _component(optuna.samplers, spec.sampler, "sampler", spec.source)
+    pruner = _component(optuna.pruners, spec.pruner, "pruner", spec.source)
+    spec.check()  # a bad cell or range fails before anything is created
+    storage_url = storage or spec.storage
+    locks = StudyLocks(storage_url, spec.name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=spec.name, storage=make_storage(storage or spec.storage),
-                                sampler=sampler, pruner=pruner, direction="maximize",
-                                load_if_exists=True)
 
-    def completed() -> int:
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    with contextlib.ExitStack() as stack:
+        claim = locks.claims()
+        with claim:  # one study and one parent run, however many processes start at once
+            study = optuna.create_study(study_name=spec.name,
+                                        storage=make_storage(storage_url), sampler=sampler,
+                                        pruner=pruner, direction="maximize",
+                                        load_if_exists=True)
+            parents = tracking.find_runs(spec.experiment,
+                                         f"tags.{TAG_STUDY} = '{spec.name}' and "
+                                         f"tags.{TAG_ROLE} = 'study'",
+                                         statuses=("FINISHED", "FAILED", "KILLED", "RUNNING"))
+            parent = stack.enter_context(tracking.TrackedRun(
+                spec.experiment, f"study-{spec.name}", {TAG_STUDY: spec.name, TAG_ROLE: "study"},
+                resume_run_id=parents[0].info.run_id if parents else None))
+            if not parents:
+                parent.log_params({"study": spec.name, "trials": target, "cell": spec.cell,
+                                   "search_space": spec.space, "sampler": spec.sampler,
+                                   "pruner": spec.pruner,
+                                   "storage": storage_url or DEFAULT_JOURNAL,
+                                   "objective": "validation BAC (maximize)"})
 
-    def objective(trial) -> float:
-        params = suggest(trial, spec.space)
+        def completed() -> int:
+            return len(study.get_trials(deepcopy=False,
+                                        states=(optuna.trial.TrialState.COMPLETE,)))
 
-        def report(epoch: int, val_bac: float) -> None:
-            trial.report(val_bac, epoch)
-            if trial.should_prune():
-                tracking.tag_active_run({TAG_TRIAL_STATE: "PRUNED"})
-                raise _Pruned(f"pruned by {type(pruner).__name__} at epoch {epoch}")
+        def objective(trial) -> float:
+            trial.set_user_attr(ATTR_WORKER, locks.worker)
+            claim.release()  # the trial is RUNNING in the storage now: its slot is taken
+            params = suggest(trial, spec.space)
 
-        tags = {TAG_STUDY: spec.name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial"}
-        try:
-            result = run_cell(spec.config(params), progress=False, evaluate_test=False,
-                              on_head_epoch=report, tags=tags, run_name=f"trial-{trial.number}")
-        except _Pruned:
-            raise optuna.TrialPruned() from None
-        tracking.set_run_tags(result["run_id"], {TAG_TRIAL_STATE: "COMPLETE"})
-        return result["metrics"]["val_bac"]
+            def report(epoch: int, val_bac: float) -> None:
+                trial.report(val_bac, epoch)
+                if trial.should_prune():
+                    tracking.tag_active_run({TAG_TRIAL_STATE: "PRUNED"})
+                    raise _Pruned(f"pruned by {type(pruner).__name__} at epoch {epoch}")
 
-    parents = tracking.find_runs(spec.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
-                                 f"tags.{TAG_ROLE} = 'study'",
-                                 statuses=("FINISHED", "FAILED", "KILLED", "RUNNING"))
-    with tracking.TrackedRun(spec.experiment, f"study-{spec.name}",
-                             {TAG_STUDY: spec.name, TAG_ROLE: "study"},
-                             resume_run_id=parents[0].info.run_id if parents else None) as parent:
-        parent.log_params({"study": spec.name, "trials": target, "cell": spec.cell,
-                           "search_space": spec.space, "sampler": spec.sampler,
-                           "pruner": spec.pruner, "storage": storage or spec.storage or
-                           DEFAULT_JOURNAL, "objective": "validation BAC (maximize)"})
+            tags = {TAG_STUDY: spec.name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial"}
+            cfg = spec.config(params)
+            try:
+                with phase1_trained_once(locks, cfg):
+                    result = run_cell(cfg, progress=False, evaluate_test=False,
+                                      on_head_epoch=report, tags=tags,
+                                      run_name=f"trial-{trial.number}")
+            except _Pruned:
+                raise optuna.TrialPruned() from None
+            tracking.set_run_tags(result["run_id"], {TAG_TRIAL_STATE: "COMPLETE"})
+            return result["metrics"]["val_bac"]
+
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -314,16 +745,42 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                 bar.n = min(completed(), target)
                 bar.set_postfix(best=f"{study_.best_value:.4f}" if completed() else "-")
                 bar.refresh()
-            if completed() >= target:
-                study_.stop()
 
-        if completed() < target:
-            # Pruned and failed trials do not count: go on until `target` have completed, with
-            # a bound so a study whose every trial is pruned still ends.
-            study.optimize(objective, n_trials=3 * (target - completed()) + 10,
-                           callbacks=[after_trial], catch=(DivergenceError,))
+        # Pruned and failed trials do not count: go on until `target` have completed, with a
+        # bound so a study whose every trial is pruned still ends.
+        attempts_left = 3 * max(target - completed(), 0) + 10
+        reseeded = False
+        with locks.working():
+            while attempts_left:
+                claim.acquire()
+                try:
+                    locks.fail_dead_trials(study)
+                    states = [t.state for t in study.get_trials(deepcopy=False)]
+                    complete = states.count(optuna.trial.TrialState.COMPLETE)
+                    if complete >= target:
+                        break
+                    if complete + states.count(optuna.trial.TrialState.RUNNING) < target:
+                        if not reseeded:
+                            study.sampler = _component(optuna.samplers, {
+                                **spec.sampler,
+                                "seed": (spec.sampler["seed"] + len(states)) % 2**32},
+                                "sampler", spec.source)
+                            reseeded = True
+                        attempts_left -= 1
+                        # The objective releases the claim once its trial exists.
+                        study.optimize(objective, n_trials=1, callbacks=[after_trial],
+                                       catch=(DivergenceError,))
+                        continue
+                finally:
+                    claim.release()
+                time.sleep(WAIT_FOR_SLOT_S)
         if bar is not None:
             bar.close()
+        if not completed():
+            states = [t.state.name for t in study.get_trials(deepcopy=False)]
+            raise UserError(f"study '{spec.name}': no trial completed ({states.count('FAIL')} "
+                            f"failed, {states.count('PRUNED')} pruned); the trials' runs in "
+                            f"MLflow say why (tag {tracking.TAG_FAILURE})")
         best = study.best_trial
         states = [t.state for t in study.get_trials(deepcopy=False)]
         parent.log_metrics({"best_val_bac": best.value, "completed_trials": completed(),
@@ -331,17 +788,18 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                             "failed_trials": states.count(optuna.trial.TrialState.FAIL)})
         parent.set_tags({f"best.{k}": str(v) for k, v in best.params.items()}
                         | {"best.trial": str(best.number)})
-        finals = tracking.find_runs(spec.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
-                                    f"tags.{TAG_ROLE} = 'final' and "
-                                    f"tags.`best.trial` = '{best.number}'")
-        if finals:
-            final_run, final_metrics = finals[0].info.run_id, finals[0].data.metrics
-        else:
-            result = run_cell(spec.config(best.params), progress=False,
-                              tags={TAG_STUDY: spec.name, TAG_ROLE: "final",
-                                    "best.trial": str(best.number)},
-                              run_name=f"best-trial-{best.number}-on-test")
-            final_run, final_metrics = result["run_id"], result["metrics"]
+        with locks.final():  # the test set is seen once, whichever process gets here first
+            finals = tracking.find_runs(spec.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
+                                        f"tags.{TAG_ROLE} = 'final' and "
+                                        f"tags.`best.trial` = '{best.number}'")
+            if finals:
+                final_run, final_metrics = finals[0].info.run_id, finals[0].data.metrics
+            else:
+                result = run_cell(spec.config(best.params), progress=False,
+                                  tags={TAG_STUDY: spec.name, TAG_ROLE: "final",
+                                        "best.trial": str(best.number)},
+                                  run_name=f"best-trial-{best.number}-on-test")
+                final_run, final_metrics = result["run_id"], result["metrics"]
         parent.log_metrics({f"final_{k}": v for k, v in final_metrics.items()
                             if k.startswith("test_") and "class" not in k})
     return {"study": spec.name, "experiment": spec.experiment, "completed": completed(),

@@ -3,26 +3,46 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmark import __version__
+from benchmark import __version__, store
 from benchmark.errors import RunStopped
+
+store.bound_http_retries()  # every MLflow call of the process, not only those made here
+_log = logging.getLogger(__name__)
 
 # Tag names the suite writes and reads.
 TAG_PHASE1_KEY = "phase1_key"
 TAG_PHASE1_COMPLETE = "phase1_complete"  # set, after its artifacts, on the run that trained
 TAG_PHASE1_RUN = "phase1_run_id"  # the run whose phase 1 this run used (itself if it trained)
 TAG_FAILURE = "failure_reason"
+# Who runs a run, so that a later command can tell a live run from one whose process was
+# killed (kill -9, out of memory, power loss) and left it RUNNING.
+TAG_HOST = "process_host"
+TAG_PID = "process_id"
+TAG_PROCESS_START = "process_start"  # "<boot id>:<start time in clock ticks>" (Linux)
+TAG_HEARTBEAT = "heartbeat"  # UTC time, refreshed every HEARTBEAT_SECONDS while the run is open
+TAG_MARKED_BY = "marked_killed_by"  # the process that marked a dead run KILLED
+
+HEARTBEAT_SECONDS = 30.0
+# Only for runs of other hosts, where the process itself cannot be looked at: generous, so a
+# busy or briefly suspended machine is not taken for dead.
+STALE_AFTER_SECONDS = 15 * 60
 
 FLUSH_SECONDS = 2.0
 
@@ -60,15 +80,18 @@ class TrackedRun:
     """One MLflow run as a context manager.
 
     It ends FINISHED only when the block completes; an exception ends it FAILED and an
-    interrupt (Ctrl-C, SIGTERM) KILLED, with the reason in the ``failure_reason`` tag.
+    interrupt (Ctrl-C, SIGTERM) KILLED, with the reason in the ``failure_reason`` tag.  While
+    open it carries its process's identity and a heartbeat, so that a run whose process was
+    killed outright can be told apart and marked KILLED later (``mark_dead_runs``).
     """
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  resume_run_id: str | None = None):
         self.experiment, self.run_name, self.resume_run_id = experiment, run_name, resume_run_id
         self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
-                     **(tags or {})}
+                     **process_tags(), **(tags or {})}
         self.run_id: str | None = None
+        self._heartbeat: _Heartbeat | None = None
         self._pending: list = []
         self._last_flush = time.monotonic()
 
@@ -81,17 +104,24 @@ class TrackedRun:
         if launcher_run and mlflow.active_run() is None:
             mlflow.start_run(run_id=launcher_run)
         parent = mlflow.active_run()
+        tags = {**self.tags, TAG_HEARTBEAT: _utc_text(time.time())}
         if self.resume_run_id is not None:
-            run = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags,
+            run = mlflow.start_run(run_id=self.resume_run_id, tags=tags,
                                    nested=parent is not None)
         elif parent is not None:
             run = mlflow.start_run(experiment_id=parent.info.experiment_id,
-                                   run_name=self.run_name, tags=self.tags, nested=True)
+                                   run_name=self.run_name, tags=tags, nested=True)
         else:
-            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
-                                   tags=self.tags)
+            experiment = mlflow.set_experiment(self.experiment)
+            # An experiment keeps the artifact folder it was created with, which may lie
+            # elsewhere than the store's default one checked by `prepare_store`.
+            store.check_artifact_location(
+                experiment.artifact_location, f"experiment '{experiment.name}'",
+                "make that folder writable or log to another experiment")
+            run = mlflow.start_run(experiment_id=experiment.experiment_id,
+                                   run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
+        self._heartbeat = _Heartbeat(self.run_id, mlflow.get_tracking_uri())
         self.experiment = mlflow.get_experiment(run.info.experiment_id).name
         self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) \
             if _in_main_thread() else None
@@ -99,6 +129,8 @@ class TrackedRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         mlflow = _mlflow()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
         try:
@@ -169,8 +201,6 @@ class TrackedRun:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -180,16 +210,200 @@ def _param_text(value: Any) -> str:
     return str(value)
 
 
+# Store preparation and runs left RUNNING by dead processes ----------------------------------
+def prepare_store(mark_dead: bool = True, write: bool = True) -> list["DeadRun"]:
+    """Check, before any work, that the tracking store answers and takes writes (only that it
+    can be read with ``write=False``), and create a new SQLite store's tables under a lock
+    (see ``store.prepare``); ``UserError`` otherwise.  Then, if ``mark_dead`` and ``write``,
+    mark KILLED the runs whose process died without ending them, with a note on stderr for
+    each.  Returns those runs."""
+    store.prepare(tracking_uri(), write)
+    if not (mark_dead and write):
+        return []
+    dead, _ = mark_dead_runs()
+    for run in dead:
+        print(f"note: {run.describe()}", file=sys.stderr)
+    return dead
+
+
+def process_tags() -> dict[str, str]:
+    """This process's identity as run tags: host, process id and start."""
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+            TAG_PROCESS_START: _process_start(os.getpid()) or ""}
+
+
+def _process_start(pid: int) -> str | None:
+    """``<boot id>:<start time in clock ticks>`` of a live process (Linux), which no other
+    process shares, even one that reuses its id later; ``None`` when it is gone (or a zombie)
+    or /proc is missing."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (2nd field) may hold spaces and parentheses; the rest follows its ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    state, start_ticks = fields[0], fields[19]
+    return None if state in ("Z", "X") else f"{boot_id}:{start_ticks}"
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _utc_text(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utc_seconds(text: str) -> float | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+class _Heartbeat:
+    """Refreshes a run's heartbeat tag every ``HEARTBEAT_SECONDS`` from a daemon thread with
+    its own client, from construction until ``stop``.  A failed beat is logged, never raised:
+    the run matters more than its heartbeat."""
+
+    def __init__(self, run_id: str, uri: str):
+        self.run_id, self.uri = run_id, uri
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        client, failing = None, False
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                client = client or _mlflow().MlflowClient(tracking_uri=self.uri)
+                client.set_tag(self.run_id, TAG_HEARTBEAT, _utc_text(time.time()))
+                failing = False
+            except Exception as err:  # noqa: BLE001
+                if not failing:  # once per outage, not every 30 s
+                    _log.warning("heartbeat of run %s not recorded: %s", self.run_id, err)
+                failing = True
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)  # a beat stuck on a slow server must not hold the run
+
+
+@dataclass(frozen=True)
+class DeadRun:
+    """A run left RUNNING by a process that is gone, as ``mark_dead_runs`` marked it."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    reason: str
+
+    def describe(self) -> str:
+        return (f"marked run {self.run_id} ({self.run_name}, experiment '{self.experiment}') "
+                f"KILLED: {self.reason}")
+
+
+def dead_reason(tags: dict[str, str], start_time_ms: int, now: float) -> str | None:
+    """Why a RUNNING run with these tags is dead, or ``None`` while it may be alive.  On this
+    host the process is looked at; for another host, only a heartbeat older than
+    ``STALE_AFTER_SECONDS`` counts.  Runs without process tags (another tool's) are left."""
+    host, pid_text = tags.get(TAG_HOST), tags.get(TAG_PID, "")
+    if not host or not pid_text.isdigit():
+        return None
+    pid, recorded_start = int(pid_text), tags.get(TAG_PROCESS_START, "")
+    here = process_tags()
+    same_boot = recorded_start.split(":")[0] == here[TAG_PROCESS_START].split(":")[0]
+    if host == here[TAG_HOST] and same_boot:  # same machine, not rebooted since
+        if recorded_start:
+            current = _process_start(pid)
+            if current == recorded_start:
+                return None
+            gone = "is gone" if current is None else "is gone (its id is now another process's)"
+        elif _pid_exists(pid):
+            return None
+        else:
+            gone = "is gone"
+        return (f"its process {pid} on {host} {gone}; it was killed (kill -9, out of memory) or "
+                f"crashed without ending the run")
+    beat = _utc_seconds(tags.get(TAG_HEARTBEAT, "")) or start_time_ms / 1000
+    if now - beat <= STALE_AFTER_SECONDS:
+        return None
+    return (f"no heartbeat from its process {pid} on {host} since {_utc_text(beat)} "
+            f"({(now - beat) / 60:.0f} min); presumed killed")
+
+
+def mark_dead_runs() -> tuple[list[DeadRun], int]:
+    """Mark KILLED (with the reason in ``failure_reason``) every RUNNING run of the store whose
+    process died without ending it (see ``dead_reason``).  Returns those runs and the number
+    of RUNNING runs left alone."""
+    mlflow = _mlflow()
+    running = mlflow.search_runs(search_all_experiments=True,
+                                 filter_string="attributes.status = 'RUNNING'",
+                                 output_format="list")
+    client, me, marked = mlflow.MlflowClient(), process_tags(), []
+    for run in running:
+        if dead_reason(run.data.tags, run.info.start_time, time.time()) is None:
+            continue
+        # Read again once the process is known gone: it may have ended its run just before.
+        run = client.get_run(run.info.run_id)
+        now = time.time()
+        reason = dead_reason(run.data.tags, run.info.start_time, now) \
+            if run.info.status == "RUNNING" else None
+        if reason is None:
+            continue
+        client.set_tag(run.info.run_id, TAG_FAILURE, reason)
+        client.set_tag(run.info.run_id, TAG_MARKED_BY,
+                       f"process {me[TAG_PID]} on {me[TAG_HOST]} at {_utc_text(now)}")
+        # The run ended at its last sign of life, not now.
+        last = _utc_seconds(run.data.tags.get(TAG_HEARTBEAT, "")) or run.info.start_time / 1000
+        client.set_terminated(run.info.run_id, "KILLED", end_time=int(last * 1000))
+        experiment = client.get_experiment(run.info.experiment_id)
+        marked.append(DeadRun(run.info.run_id, run.info.run_name, experiment.name, reason))
+    return marked, len(running) - len(marked)
+
+
 # Stage cache --------------------------------------------------------------------------------
-def find_phase1_run(key: str) -> str | None:
-    """The id of a run, in any experiment of the store, that trained phase 1 for ``key`` and
-    logged all of its artifacts; the most recent one if several did."""
+def find_stage_run(stage: str, key: str) -> str | None:
+    """The id of a run, in any experiment of the store, that computed the cached ``stage``
+    (``phase1``, ``training_set``) for ``key`` and logged all of its artifacts (tags
+    ``<stage>_key`` and ``<stage>_complete``); the most recent one if several did."""
     mlflow = _mlflow()
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.{TAG_PHASE1_KEY} = '{key}' and tags.{TAG_PHASE1_COMPLETE} = 'true'",
+        filter_string=f"tags.{stage}_key = '{key}' and tags.{stage}_complete = 'true'",
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0].info.run_id if runs else None
+
+
+def find_phase1_run(key: str) -> str | None:
+    return find_stage_run("phase1", key)
+
+
+TAG_CHECKPOINT_EPOCH = "phase1_checkpoint_epoch"  # the epoch the run's checkpoint/ holds
+
+
+def find_resumable_run(key: str) -> str | None:
+    """The newest run that was training phase 1 for ``key`` when it was killed or failed and
+    left a checkpoint: a new run for the same key resumes from it.  A run still RUNNING is
+    left alone (it may be alive; a dead one is marked KILLED first)."""
+    runs = _mlflow().search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.{TAG_PHASE1_KEY} = '{key}' and tags.{TAG_CHECKPOINT_EPOCH} != ''",
+        order_by=["attributes.start_time DESC"], output_format="list")
+    for run in runs:
+        if run.info.status in ("KILLED", "FAILED") and \
+                run.data.tags.get(TAG_PHASE1_COMPLETE) != "true":
+            return run.info.run_id
+    return None
 
 
 def download_artifacts(run_id: str, artifact_path: str) -> Path:

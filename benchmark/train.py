@@ -112,6 +112,11 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+    """The training step every method uses unless it brings its own (mixup, auxiliary losses)."""
+    return loss_fn(model(x), y)
+
+
 def fit(
     model: nn.Module,
     batches: TensorBatches,
@@ -122,21 +127,50 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
     progress: str | None = None,
     amp: bool = False,
+    step: Callable[..., torch.Tensor] = plain_step,
+    generators: dict[str, torch.Generator] | None = None,
+    resume: dict | None = None,
+    checkpoint: Callable[[int, Callable[[], dict]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``schedule.epochs`` and leave it holding its best-on-validation
     weights (earliest epoch on ties).  ``validate`` returns the selection score (validation
-    BAC), never a test figure.  A non-finite loss raises ``DivergenceError``."""
+    BAC), never a test figure.  A non-finite loss raises ``DivergenceError``.
+
+    ``step(model, x, y, loss_fn)`` computes one batch's loss.  ``checkpoint(epoch, state)``
+    runs after every epoch; ``state()`` builds everything needed to go on from there (weights,
+    optimizer, best so far, history, the states of ``generators`` and of torch's global
+    generator), and ``resume=state`` continues a fit from such a state with the same result,
+    to the bit on the CPU, as an uninterrupted one."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum,
                                 weight_decay=schedule.weight_decay)
     device_type = next(model.parameters()).device.type
-    best_state, result = None, FitResult(best_epoch=-1, best_score=-math.inf)
-    epochs = range(schedule.epochs)
+    generators = {"batches": batches.generator, **(generators or {})}
+    best_state, result, first_epoch = None, FitResult(best_epoch=-1, best_score=-math.inf), 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        best_state = resume["best_state"]
+        result = FitResult(resume["best_epoch"], resume["best_score"], list(resume["history"]))
+        for name, state in resume["generators"].items():
+            generators[name].set_state(state)
+        torch.set_rng_state(resume["torch_rng"])
+        first_epoch = resume["epoch"]
+
+    def state(epoch: int) -> dict:
+        return {"epoch": epoch, "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(optimizer.state_dict()), "best_state": best_state,
+                "best_epoch": result.best_epoch, "best_score": result.best_score,
+                "history": list(result.history), "torch_rng": torch.get_rng_state(),
+                "generators": {name: g.get_state() for name, g in generators.items()}}
+
+    epochs = range(first_epoch, schedule.epochs)
     bar = None
     if progress is not None:
         from tqdm.auto import tqdm
 
-        bar = tqdm(epochs, desc=progress, unit="epoch", leave=False, dynamic_ncols=True)
+        bar = tqdm(epochs, desc=progress, unit="epoch", leave=False, dynamic_ncols=True,
+                   initial=first_epoch, total=schedule.epochs)
         epochs = bar
     for epoch in epochs:
         lr = schedule.lr_at(epoch)
@@ -148,7 +182,7 @@ def fit(
         total, seen = torch.zeros((), device=batches.inputs.device), 0
         for x, y in batches:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(x), y)
+                loss = step(model, x, y, loss_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,6 +201,8 @@ def fit(
             bar.set_postfix(loss=f"{train_loss:.3f}", val_bac=f"{score:.3f}")
         if on_epoch is not None:
             on_epoch(epoch + 1, record)
+        if checkpoint is not None and epoch + 1 < schedule.epochs:
+            checkpoint(epoch + 1, lambda: state(epoch + 1))
     if bar is not None:
         bar.close()
     if best_state is not None:

@@ -32,7 +32,7 @@ def test_user_mistakes_exit_2_with_one_line(mlflow_store, capsys, argv, message)
 
 
 def test_non_positive_numbers_are_refused_by_the_parser(capsys):
-    for argv in (["run", "--k-neighbors", "0"], ["run", "--epochs", "-1"]):
+    for argv in (["run", "--head-epochs", "0"], ["run", "--epochs", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
@@ -55,3 +55,47 @@ def test_run_prints_a_summary_per_seed(mlflow_store, capsys):
     assert all("BAC" in line and "GM" in line and "F1" in line for line in lines[:2])
     assert "seed 0" in lines[0] and "seed 1" in lines[1]
     assert "mlflow ui" in lines[2] and "'cli'" in lines[2]
+
+
+# Every user mistake: one line, exit 2, no traceback, no run, before any training.
+MISTAKES = [
+    (["--ratio", "nan"], "ratio must be a finite float"),
+    (["--lr", "inf"], "lr must be a finite float"),
+    (["--subset-seed", "-1"], "subset_seed must lie in [0, 2**32 - 1]"),
+    (["--seeds", "-1"], "seed must lie in [0, 2**32 - 1]"),
+    (["--seeds", str(2**32)], "seed must lie in [0, 2**32 - 1]"),
+    (["--method-param", "k_neighbors=abc"], "k_neighbors' parameter of EOS must be an int"),
+    (["--method-param", "k_neighbors=1.5"], "k_neighbors' parameter of EOS must be an int"),
+    (["--method-param", "k_neighbors=0"], "k_neighbors' parameter of EOS must be an int"),
+    (["--method-param", "max_step=abc"], "max_step' parameter of EOS must be"),
+    (["--method-params", "k_neighbors=5 max_step=2"], "max_step' parameter of EOS must be"),
+    (["--method", "bsmote", "--method-param", "kind=x"], "kind' parameter of BorderlineSMOTE"),
+    (["--method", "smote", "--method-param", "k_neighbors=-1"], "k_neighbors' parameter of SMOTE"),
+    (["--method", "none", "--method-param", "k_neighbors=5"], "takes no parameter k_neighbors"),
+    (["--backbone-param", "image_size=4"], "backbone parameter image_size is set by the suite"),
+    (["--backbone-param", "in_channels=1"], "backbone parameter in_channels is set by the suite"),
+    (["--loss", "focal", "--loss-param", "gamma=abc"], "parameter gamma must be float"),
+    (["--loss", "focal", "--loss-param", "class_counts=[1]"], "loss parameter class_counts is set"),
+    (["--loss", "focal", "--loss-param", "gama=1"], "takes no parameter 'gama'"),
+    (["--method", "smote", "--ratio", "100"], "needs at least 2 training images in every class"),
+    (["--validation", "balanced", "--val-per-class", "200"], "too few for 200 validation"),
+]
+
+
+@pytest.mark.parametrize("options, message", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
+def test_every_mistake_is_one_line_before_any_run(mlflow_store, capsys, options, message):
+    assert main(["run", "--quiet", *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_neighbourhood_larger_than_a_class_is_clamped_and_logged(mlflow_store, capsys):
+    argv = ["run", "--method", "smote", "--ratio", "50", "--epochs", "1", "--head-epochs", "1",
+            "--quiet", "--method-param", "k_neighbors=5"]
+    assert main(argv) == 0
+    assert "k_neighbors clamped from 5 to 1" in capsys.readouterr().err
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["method_hparam.k_neighbors"] == "1"
+    assert "clamped" in run.data.tags["notes"]

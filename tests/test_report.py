@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import textwrap
@@ -18,6 +19,7 @@ K_EXPERIMENT = "grid_k"
 TABLE2_EXPERIMENT = "grid_table2"
 SCORE_METRICS = {"BAC": "test_bac", "GM": "test_gm_macro", "FM": "test_f1_macro"}
 SETTING = "digits-resnet32-exp-r10"
+SETTING_TITLE = "digits, resnet32, exp profile, ratio 10"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Tiny grids named after the paper tables, so that they get the paper layouts.  Every cell
@@ -38,6 +40,7 @@ TABLE2_SPEC = f"""
     experiment: {TABLE2_EXPERIMENT}
     datasets: [digits]
     methods: [none, eos]
+    reference: none
     seeds: [0, 1]
     settings: {{epochs: 1, head_epochs: 1}}
     blocks:
@@ -52,7 +55,7 @@ def store(tmp_path_factory):
     seed 0 under a study's parent run (phase 1 is trained once per seed and reused) and a
     tuning trial with K=4, which is no cell; the grids
     table4 (eos with K 3 and 5, two seeds) plus a stray K=7 run that is no cell of it, and
-    table2 (none and eos; ce on two seeds, focal on one)."""
+    table2 (none and eos; ce on two seeds, focal on one; runtimes against none)."""
     import mlflow
 
     from benchmark.config import RunConfig
@@ -139,6 +142,22 @@ def table2_out(store, tmp_path_factory):
     return grid_report(store, tmp_path_factory, "table2", "--no-log")
 
 
+def stage_times(runs: pd.DataFrame) -> list[str]:
+    """The ``metrics.time_<stage>_s`` columns some run logged, but for the wall clock and the
+    loading of a cached phase 1."""
+    return [c for c in runs.columns if re.fullmatch(r"metrics\.time_\w+_s", c)
+            and c not in ("metrics.time_wall_s", "metrics.time_phase1_load_s")
+            and runs[c].notna().any()]
+
+
+def runtime_titles(header: list[str], reference: str = "eos") -> None:
+    """A runtime header: loss, method, a title per stage (the pipeline's phases in order,
+    whatever else), total, ratio, count."""
+    assert header[:2] == ["Loss", "Method"] and header[-3:] == ["Total", f"vs {reference}", "n"]
+    phases = [t for t in header if t in ("Phase 1", "Phase 2", "Resampling", "Phase 3")]
+    assert phases == ["Phase 1", "Phase 2", "Resampling", "Phase 3"]
+
+
 def expected_best(direct_runs, metric: str) -> str:
     means = direct_runs.groupby("label")[f"metrics.{metric}"].mean().round(4)
     return f"{means.max():.4f}"
@@ -172,7 +191,8 @@ def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
         assert rf"\textbf{{{expected_best(direct_runs, metric)}}}" in scores
     runtime = (tmp_path / f"runtime-{SETTING}.tex").read_text()
     assert r"\toprule" in runtime and r"\bottomrule" in runtime
-    assert "Phase 1 & Phase 2 & Resampling & Phase 3 & Total & Total/eos" in runtime
+    header = next(line for line in runtime.splitlines() if line.startswith("Loss & "))
+    runtime_titles([t.strip() for t in header.rstrip("\\ ").split("&")][:-1] + ["n"])
     assert "& eos & " in runtime and "& none & " in runtime
     # The default format is all: markdown and CSV copies too, and the recall figure; no K
     # figure, since only one run logged a K (the others use the default).
@@ -200,8 +220,7 @@ def test_markdown_prints_the_same_numbers_and_writes_them(store, direct_runs, ca
             assert f"{runs['metrics.test_bac'].std(ddof=1):.4f}" in out
     assert f"**{expected_best(direct_runs, 'test_bac')}**" in out
     runtime_header = next(line for line in out.splitlines() if "Method" in line)
-    assert [c.strip() for c in runtime_header.strip("|").split("|")] == [
-        "Loss", "Method", "Phase 1", "Phase 2", "Resampling", "Phase 3", "Total", "Total/eos", "n"]
+    runtime_titles([c.strip() for c in runtime_header.strip("|").split("|")])
     assert not list(tmp_path.glob("*.tex")) and not list(tmp_path.glob("*.csv"))
 
 
@@ -217,14 +236,41 @@ def test_gm_form_selects_the_metric(store, direct_runs, capsys, tmp_path):
 def test_runtime_table(built, loss_label, direct_runs):
     (table,) = built.runtime_tables()
     frame = report.text_frame(table, report.MARKDOWN)
-    assert list(frame.columns) == ["Phase 1", "Phase 2", "Resampling", "Phase 3", "Total",
-                                   "Total/eos", "n"]
-    assert frame.loc[(loss_label, "eos"), "Total/eos"] == "1.00"
+    runtime_titles(["Loss", "Method"] + list(frame.columns))
+    assert len(frame.columns) == len(stage_times(direct_runs)) + 3
+    # Methods alphabetically, the reference (eos) last.
+    assert list(frame.index) == [(loss_label, m) for m in ("none", "eos", "eos (K=3)")]
+    assert frame.loc[(loss_label, "eos"), "vs eos"] == "1.00"
     assert frame.loc[(loss_label, "eos (K=3)"), "n"] == "1"
-    totals = {label: sum(runs[f"metrics.{m}"] for m in report.PHASE_TIMES.values()).mean()
+    # Every run logged phase 1's time, also those that reused it from the cache.
+    assert direct_runs["metrics.time_phase1_s"].gt(0).all()
+    totals = {label: runs[stage_times(direct_runs)].sum(axis=1).mean()
               for label, runs in direct_runs.groupby("label")}
     assert frame.loc[(loss_label, "eos"), "Total"] == f"{totals['eos']:.2f}"
-    assert frame.loc[(loss_label, "none"), "Total/eos"] == f"{totals['none'] / totals['eos']:.2f}"
+    assert frame.loc[(loss_label, "none"), "vs eos"] == f"{totals['none'] / totals['eos']:.2f}"
+
+
+def test_reference_option_names_the_ratio_column(store, direct_runs, capsys, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--format", "markdown", "--reference",
+                        "none", "--out", str(tmp_path), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    totals = {label: runs[stage_times(direct_runs)].sum(axis=1).mean()
+              for label, runs in direct_runs.groupby("label")}
+    rows = {row[1]: row for row in markdown_rows(out, f"Runtime: {SETTING_TITLE}")}
+    assert list(rows) == ["eos", "eos (K=3)", "none"]  # the reference last
+    assert rows["none"][-2] == "1.00"
+    assert rows["eos"][-2] == f"{totals['eos'] / totals['none']:.2f}"
+    header = next(line for line in out.splitlines() if "Method" in line)
+    runtime_titles([c.strip() for c in header.strip("|").split("|")], "none")
+
+
+def test_absent_reference_is_a_dash(store, capsys, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--format", "markdown", "--reference",
+                        "smote", "--out", str(tmp_path), "--no-log"]) == 0
+    captured = capsys.readouterr()
+    rows = markdown_rows(captured.out, f"Runtime: {SETTING_TITLE}")
+    assert len(rows) == 3 and all(row[-2] == "-" for row in rows)
+    assert "note: no run of the reference method 'smote'" in captured.err
 
 
 def test_csv_copies_hold_the_numbers(store, direct_runs, loss_label, tmp_path):
@@ -240,8 +286,7 @@ def test_csv_copies_hold_the_numbers(store, direct_runs, loss_label, tmp_path):
             assert table.at[loss_label, f"{label} {title} mean"] == pytest.approx(
                 runs[f"metrics.{metric}"].mean())
     runtime = pd.read_csv(tmp_path / f"runtime-{SETTING}.csv")
-    assert list(runtime.columns) == ["Loss", "Method", "Phase 1", "Phase 2", "Resampling",
-                                     "Phase 3", "Total", "Total/eos", "n"]
+    runtime_titles(list(runtime.columns))
 
 
 def grid_cell_runs(store, name: str) -> pd.DataFrame:
@@ -303,6 +348,9 @@ def test_table2_layout_rows_are_dataset_and_loss(store, table2_out):
     assert "Dataset & Loss & BAC & GM & FM & $n$ & BAC & GM & FM & $n$" in tex
     assert "\ndigits & ce" in tex and "\n & focal" in tex  # the dataset named once per block
     assert "Settings per dataset: digits: resnet32, exp profile, ratio 10." in tex
+    # The spec's reference, `none`, is what the runtime tables divide by.
+    runtime = (table2_out / f"table2-runtime-{SETTING}.tex").read_text()
+    assert "& Total & vs none & $n$" in runtime and "vs eos" not in runtime
 
 
 def markdown_rows(text: str, heading: str) -> list[list[str]]:
@@ -383,3 +431,195 @@ def test_latex_compiles(store, table2_out, table4_out, tmp_path):
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+# Layouts on synthetic runs: no training, and methods that need not exist yet -----------------
+SETTING_FIELDS = {"experiment": "synthetic", "profile": "exp", "backbone": "resnet32",
+                  "loss": "ce", "epochs": "10", "head_epochs": "5", "batch_size": "64",
+                  "lr": "0.1", "image_size": "32", "subset_seed": "0", "val_fraction": "0.2",
+                  "device_used": "cpu", "K": "", "train_class_counts": None, "ratio": 100.0}
+
+
+def synthetic_runs(cells: list[dict]) -> pd.DataFrame:
+    """Runs as ``gather_runs`` returns them: each dict names at least the dataset, method and
+    seed, and its metrics; the rest is one fixed setting."""
+    rows = []
+    for number, cell in enumerate(cells):
+        row = {**SETTING_FIELDS, "run_id": f"run{number}", "start_time": number, **cell}
+        row.update(backbone_label=row["backbone"], loss_label=row["loss"],
+                   method_label=row["method"], method_variant=row["method"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+TABLE1_DATASETS = {"cifar10": {}, "svhn": {}, "cifar100": {"ratio": 10.0},
+                   "celeba": {"ratio": 40.0, "backbone": "resnet56", "epochs": "50"}}
+TABLE1_GROUPS = {"pixel space": ("pre-smote", "remix"), "embedding space": ("smote", "eos")}
+TABLE1_METHODS = ("pre-smote", "remix", "smote", "eos")
+
+
+def table1_runs() -> pd.DataFrame:
+    """Every dataset x method x seed 0 and 1; BAC = 0.5 + 0.1 * method rank + 0.01 * seed
+    (+0.3 for remix on celeba, the best there)."""
+    return synthetic_runs([
+        {"dataset": dataset, "method": method, "seed": seed, **fields,
+         "test_bac": 0.5 + 0.1 * rank + 0.01 * seed + (0.3 if (dataset, method) == (
+             "celeba", "remix") else 0), "test_gm_macro": 0.7, "test_f1_macro": 0.6}
+        for dataset, fields in TABLE1_DATASETS.items()
+        for rank, method in enumerate(TABLE1_METHODS) for seed in (0, 1)])
+
+
+def test_table1_layout_groups_rows_and_puts_datasets_in_columns(tmp_path):
+    built = report.Report.build(table1_runs(), ["synthetic"], "macro",
+                                report.PAPER_LAYOUTS["table1"], "table1", "eos",
+                                TABLE1_METHODS, TABLE1_GROUPS)
+    (table,) = built.score_tables()
+    frame = report.text_frame(table, report.MARKDOWN)
+    assert list(frame.index) == [("pixel space", "pre-smote"), ("pixel space", "remix"),
+                                 ("embedding space", "smote"), ("embedding space", "eos")]
+    assert list(dict.fromkeys(frame.columns.get_level_values(0))) == [
+        "cifar10", "svhn", "cifar100", "celeba"]
+    assert list(frame.columns.get_level_values(1)[:4]) == ["BAC", "GM", "FM", "n"]
+    std = f"{pd.Series([0.8, 0.81]).std(ddof=1):.4f}"
+    # The best mean per column (among methods) in bold: eos, but remix on celeba.
+    assert frame.loc[("embedding space", "eos"), ("cifar10", "BAC")] == f"**0.8050** ± {std}"
+    assert frame.loc[("pixel space", "remix"), ("celeba", "BAC")] == f"**0.9050** ± {std}"
+    assert frame.loc[("embedding space", "eos"), ("celeba", "BAC")] == f"0.8050 ± {std}"
+    assert frame.loc[("pixel space", "remix"), ("cifar10", "n")] == "2"
+    caption = table.caption(report.MARKDOWN)
+    assert table.title == "Table I: over-sampling in pixel vs embedding space: loss ce"
+    # Backbone, profile and ratio always; a training setting where datasets differ in it.
+    assert ("Settings per dataset: cifar10: resnet32, exp profile, ratio 100, epochs 10; svhn: "
+            "resnet32, exp profile, ratio 100, epochs 10; cifar100: resnet32, exp profile, "
+            "ratio 10, epochs 10; celeba: resnet56, exp profile, ratio 40, epochs 50.") in caption
+    assert "Best mean per column in bold" in caption
+    written, _ = report.write_report(built, tmp_path, ("latex",))
+    tex = (tmp_path / "table1.tex").read_text()
+    assert r"\multicolumn{4}{c}{cifar10} & \multicolumn{4}{c}{svhn}" in tex
+    assert "Group & Method & BAC & GM & FM & $n$ & BAC" in tex
+    assert "\npixel space & pre-smote & " in tex and "\n & remix & " in tex
+    assert "\\midrule\nembedding space & smote & " in tex
+    # One runtime table per setting, every method's total against eos's.
+    assert sorted(p.name for p in written) == sorted(
+        ["table1.tex"] + [f"table1-runtime-{d}-{'resnet56' if d == 'celeba' else 'resnet32'}"
+                          f"-exp-r{r}.tex" for d, r in (("cifar10", 100), ("svhn", 100),
+                                                        ("cifar100", 10), ("celeba", 40))])
+
+
+def test_table1_without_groups_has_a_row_per_method():
+    runs = table1_runs()
+    runs = runs[runs["dataset"] == "cifar10"]
+    built = report.Report.build(runs, ["synthetic"], "macro", report.PAPER_LAYOUTS["table1"],
+                                "table1", "eos", ("smote", "eos", "remix", "pre-smote"))
+    frame = report.text_frame(built.score_tables()[0], report.MARKDOWN)
+    assert frame.index.name == "Method"
+    assert list(frame.index) == ["smote", "eos", "remix", "pre-smote"]  # the given order
+
+
+def test_column_groups_name_what_tells_two_settings_apart():
+    runs = table1_runs()
+    runs = pd.concat([runs[runs["dataset"] == "cifar10"],
+                      runs[runs["dataset"] == "cifar10"].assign(backbone="resnet56",
+                                                                backbone_label="resnet56")])
+    built = report.Report.build(runs, ["synthetic"], "macro", report.PAPER_LAYOUTS["table1"],
+                                "table1", "eos", TABLE1_METHODS, TABLE1_GROUPS)
+    frame = report.text_frame(built.score_tables()[0], report.MARKDOWN)
+    assert list(dict.fromkeys(frame.columns.get_level_values(0))) == [
+        "cifar10 (resnet32)", "cifar10 (resnet56)"]
+
+
+def test_runtime_columns_are_the_stages_the_runs_logged():
+    pixel = {"time_pixel_resample_s": 2.0, "time_phase1_s": 10.0, "time_phase2_s": 1.0}
+    post = {"time_phase1_s": 10.0, "time_phase2_s": 1.0, "time_resample_s": 0.5,
+            "time_phase3_s": 0.5}
+    # Neither the wall clock nor the loading of a cached phase 1 is a stage.
+    not_stages = {"time_wall_s": 100.0, "time_phase1_load_s": 7.0}
+    runs = synthetic_runs([
+        {"dataset": "a", "method": "pre-smote", "seed": 0, **pixel, "time_zeta_s": 1.0},
+        {"dataset": "a", "method": "gan", "seed": 0, **pixel, "time_generator_s": 30.0,
+         "time_cam_s": 1.0},
+        {"dataset": "a", "method": "eos", "seed": 0, **post, **not_stages},
+        {"dataset": "a", "method": "eos", "seed": 1, **post, "time_phase3_s": 1.5},
+        {"dataset": "b", "method": "pre-smote", "seed": 0, **pixel},
+        {"dataset": "b", "method": "smote", "seed": 0, **post},
+    ])
+    built = report.Report.build(runs, ["synthetic"], "macro")
+    first, second = (report.text_frame(t, report.MARKDOWN) for t in built.runtime_tables())
+    # Known stages in pipeline order, then the others alphabetically.
+    assert list(first.columns) == ["Generator", "Pixel resampling", "Phase 1", "Phase 2",
+                                   "Resampling", "Phase 3", "Cam", "Zeta", "Total", "vs eos",
+                                   "n"]
+    assert list(first.index.get_level_values(1)) == ["gan", "pre-smote", "eos"]
+    totals = {"gan": 2 + 10 + 1 + 30 + 1, "pre-smote": 2 + 10 + 1 + 1, "eos": 12.5}
+    for method, total in totals.items():
+        assert first.loc[("ce", method), "Total"] == f"{total:.2f}"
+        assert first.loc[("ce", method), "vs eos"] == f"{total / totals['eos']:.2f}"
+    assert first.loc[("ce", "pre-smote"), "Resampling"] == "-"
+    assert first.loc[("ce", "eos"), "Phase 3"] == "1.00"
+    # The second table logged fewer stages, and has no eos to compare with.
+    assert list(second.columns) == ["Pixel resampling", "Phase 1", "Phase 2", "Resampling",
+                                    "Phase 3", "Total", "vs eos", "n"]
+    assert list(second["vs eos"]) == ["-", "-"]
+    assert list(second["Total"]) == ["13.00", "12.00"]
+
+
+def write_spec(folder, text: str):
+    path = folder / "table1.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+TABLE1_SPEC = """
+    name: table1
+    experiment: synthetic-table1
+    datasets: [digits]
+    methods: [smote, none, eos]
+    seeds: [0]
+    {extra}
+"""
+GROUPS = "groups: {'pixel space': [none], 'embedding space': [smote, eos]}"
+
+
+def test_grid_spec_gives_layout_order_groups_and_reference(tmp_path):
+    path = write_spec(tmp_path, TABLE1_SPEC.format(extra=f"reference: smote\n    {GROUPS}"))
+    scope = report.scope_of(report.build_parser().parse_args(["--grid", str(path)]))
+    assert scope.layout.name == "table1" and scope.methods == ("smote", "none", "eos")
+    assert scope.groups == {"pixel space": ("none",), "embedding space": ("smote", "eos")}
+    assert scope.reference == "smote"
+    scope = report.scope_of(report.build_parser().parse_args(
+        ["--grid", str(path), "--reference", "none"]))
+    assert scope.reference == "none"
+    path = write_spec(tmp_path, TABLE1_SPEC.format(extra=""))
+    scope = report.scope_of(report.build_parser().parse_args(["--grid", str(path)]))
+    assert scope.reference == "eos" and scope.groups is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("reference: bsmote", "reference 'bsmote' is none of the grid's methods (smote, none, eos)"),
+    ("groups: [none, smote]", "groups must map each row group's name to a list of methods"),
+    ("groups: {a: [none, smote], b: [smote, eos]}", "groups list smote in more than one group"),
+    ("groups: {a: [none, smote], b: [eos, remix]}",
+     "groups name remix, which the grid does not run (its methods: smote, none, eos)"),
+    ("groups: {a: [none], b: [eos]}", "method(s) smote of the grid are in no group of groups"),
+])
+def test_bad_reference_or_groups_are_one_line_errors(mlflow_store, tmp_path, capsys, extra,
+                                                     message):
+    path = write_spec(tmp_path, TABLE1_SPEC.format(extra=extra))
+    assert report.main(["--grid", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_table1_spec_groups_every_method_once():
+    from pathlib import Path
+
+    from benchmark.studies import read_spec
+
+    path = Path(__file__).parent.parent / "studies" / "paper" / "table1.yaml"
+    spec = read_spec(path)
+    methods = tuple(spec["methods"])
+    assert report.spec_reference(spec, methods, str(path)) == "eos"
+    groups = report.spec_groups(spec, methods, str(path))
+    assert list(groups) == ["pixel space", "embedding space"]
+    assert sorted(m for members in groups.values() for m in members) == sorted(methods)

@@ -1,12 +1,18 @@
 """Grids (only missing cells, shared phase 1) and Optuna studies (resumable, nested runs)."""
+import os
+import subprocess
+import sys
 import textwrap
 
 import mlflow
 import optuna
 import pytest
+import yaml
 
 from benchmark import pipeline, studies
+from benchmark.__main__ import main
 from benchmark.errors import UserError
+from benchmark.registry import METHODS
 
 
 def write(tmp_path, name, text):
@@ -128,3 +134,209 @@ def test_study_spec_must_seed_its_sampler(tmp_path):
     spec = write(tmp_path, "s.yaml", STUDY.format(journal="j.log").replace(", seed: 0", ""))
     with pytest.raises(UserError, match="seed"):
         studies.StudySpec.from_file(spec)
+
+
+# Grid spec mistakes ---------------------------------------------------------------------------
+GRID_HEAD = "datasets: [digits]\nmethods: [none]\n"
+
+
+@pytest.mark.parametrize("body, key", [
+    (GRID_HEAD + "seeds: [abc]\n", "seed"),
+    (GRID_HEAD + "settings: {epochs: ten}\n", "epochs"),
+    (GRID_HEAD + "settings: {val_fraction: '0.2'}\n", "val_fraction"),
+    ("datasets: {a: 1}\n", "datasets"),
+    ("datasets: [digits, [mnist5k]]\n", "datasets"),
+    ("datasets: []\n", "datasets"),
+    (GRID_HEAD + "settings: [1, 2]\n", "settings"),
+    (GRID_HEAD + "blocks: 5\n", "blocks"),
+    (GRID_HEAD + "blocks: [5]\n", "blocks[0]"),
+    (GRID_HEAD + "blocks: [{losses: {ce: 1}}]\n", "blocks[0].losses"),
+    (GRID_HEAD + "blocks: [{dataset: digits}]\n", "blocks[0]"),
+    (GRID_HEAD + "blocks: [{settings: 3}]\n", "blocks[0].settings"),
+    (GRID_HEAD + "method_params: [k_neighbors, 5]\n", "method_params"),
+    ("datasets: [digits]\nmethods: [eos]\nmethod_params: {k_neighbors: {low: 5}}\n",
+     "method_params.k_neighbors"),
+    (GRID_HEAD + "settings: {method_params: 5}\n", "method_params"),
+    (GRID_HEAD + "experiment: [a, b]\n", "experiment"),
+])
+def test_grid_spec_mistakes_are_one_line_naming_file_and_key_before_any_run(
+        mlflow_store, tmp_path, body, key):
+    spec = write(tmp_path, "bad.yaml", body)
+    with pytest.raises(UserError) as raised:
+        studies.run_grid(spec, progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"{spec}: ") and key in message and "\n" not in message
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_grid_spec_mistake_exits_2_with_one_line_from_the_command_line(mlflow_store, tmp_path,
+                                                                       capsys):
+    spec = write(tmp_path, "bad.yaml", GRID_HEAD + "settings: {val_fraction: '0.2'}\n")
+    assert main(["grid", str(spec), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec}: ") and "val_fraction" in err and err.count("\n") == 1
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+# A grid survives a failing cell ------------------------------------------------------------------
+class _Exploding:
+    def fit_resample(self, x, y):
+        raise RuntimeError("resampler exploded")
+
+
+def test_grid_records_a_failed_cell_runs_the_others_and_exits_1(mlflow_store, tmp_path,
+                                                                monkeypatch, capsys):
+    spec = write(tmp_path, "grid.yaml", """
+        name: fragile
+        experiment: fragile
+        datasets: [digits]
+        methods: [none, smote, eos]
+        settings: {epochs: 1, head_epochs: 1}
+    """)
+    # smote fails inside its run (phase 3), eos before its run exists (data preparation).
+    monkeypatch.setattr(METHODS.get("smote"), "embedding_resampler",
+                        lambda self, random_state: _Exploding())
+    real_prepare = pipeline.prepare_data
+
+    def prepare_data(cfg, *args, **kwargs):
+        if cfg.method == "eos":
+            raise RuntimeError("disk on fire")
+        return real_prepare(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_data", prepare_data)
+    assert main(["grid", str(spec), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "1 ran ok now" in out and "2 failed" in out
+    failed = sorted(line for line in out.splitlines() if line.startswith("  failed: "))
+    assert len(failed) == 2
+    assert "digits/ce/eos/resnet32 seed 0: RuntimeError: disk on fire" in failed[0]
+    assert "digits/ce/smote/resnet32 seed 0: RuntimeError: resampler exploded" in failed[1]
+    runs = {r.data.tags["method"]: r for r in runs_in("fragile")}
+    assert set(runs) == {"none", "smote"}  # eos failed before its run existed
+    assert runs["none"].info.status == "FINISHED"
+    assert runs["smote"].info.status == "FAILED"
+    assert "resampler exploded" in runs["smote"].data.tags["failure_reason"]
+    # Running the grid again retries only the failed cells.
+    counts = studies.run_grid(spec, progress=False)
+    assert counts["already_finished"] == 1 and counts["failed"] == 2
+
+
+def test_grid_stops_at_once_on_a_user_mistake_in_its_first_cell_and_on_an_interrupt(
+        mlflow_store, tmp_path, monkeypatch):
+    spec = write(tmp_path, "grid.yaml", "datasets: [digits]\nmethods: [none, smote]\n")
+    calls = []
+
+    def missing_data(cfg, *args, **kwargs):
+        calls.append(cfg.method)
+        raise UserError("dataset 'digits' not found")
+
+    monkeypatch.setattr(pipeline, "prepare_data", missing_data)
+    with pytest.raises(UserError, match="not found"):
+        studies.run_grid(spec, progress=False)
+    assert len(calls) == 1
+
+    def interrupted(*args, **kwargs):
+        calls.append("interrupted")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_grid(spec, progress=False)
+    assert calls.count("interrupted") == 1
+
+
+# Study spec mistakes ----------------------------------------------------------------------------
+BASE_STUDY = {"study": "bad", "experiment": "bad-tuning", "trials": 3,
+              "cell": {"dataset": "digits", "method": "eos", "epochs": 1, "head_epochs": 1},
+              "search_space": {"k_neighbors": {"type": "int", "low": 5, "high": 50}},
+              "sampler": {"name": "TPESampler", "seed": 0}, "pruner": {"name": "NopPruner"}}
+
+
+def int_range(**dist):
+    return {"search_space": {"k_neighbors": {"type": "int", **dist}}}
+
+
+@pytest.mark.parametrize("change, key", [
+    (int_range(high=50), "low"),
+    (int_range(low=5), "high"),
+    (int_range(low=300, high=5), "low (300) is above high (5)"),
+    (int_range(low=5.5, high=50), "low"),
+    (int_range(low=5, high=50, step=5), "step"),
+    ({"search_space": {"max_step": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
+     "log"),
+    ({"sampler": "TPESampler"}, "sampler"),
+    ({"sampler": {"name": "TPESampler", "seed": "zero"}}, "seed"),
+    ({"sampler": {"name": "TPESamplr", "seed": 0}}, "TPESamplr"),
+    ({"pruner": "MedianPruner"}, "pruner"),
+    ({"cell": "digits"}, "cell"),
+    ({"cell": {"dataset": "digits", "val_fraction": "0.2"}}, "val_fraction"),
+    ({"search_space": ["k_neighbors"]}, "search_space"),
+    ({"search_space": {}}, "search_space"),
+    ({"search_space": {"k_neighbors": {"type": "categorical"}}}, "choices"),
+    ({"search_space": {"k_neighbors": {"type": "categorical", "choices": []}}}, "choices"),
+    ({"search_space": {"k_neighbors": {"type": "normal", "low": 1, "high": 2}}}, "normal"),
+    ({"search_space": {"k_neighbors": 5}}, "search_space.k_neighbors"),
+    ({"search_space": {"max_step": {"type": "float", "low": 0.5, "high": 2.0}}}, "max_step"),
+    ({"search_space": {"kneighbors": {"type": "int", "low": 5, "high": 50}}}, "kneighbors"),
+    ({"trials": 0}, "trials"),
+    ({"trials": "six"}, "trials"),
+    ({"trials": True}, "trials"),
+    ({"studdy": "typo"}, "studdy"),
+])
+def test_study_spec_mistakes_are_one_line_before_anything_is_created(
+        mlflow_store, tmp_path, change, key):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({**BASE_STUDY, **change}))
+    journal = tmp_path / "journal.log"
+    with pytest.raises(UserError) as raised:
+        studies.run_study(spec, storage=str(journal), progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"{spec}: ") and key in message and "\n" not in message
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert not journal.exists()
+
+
+# Several processes on one study -------------------------------------------------------------------
+def test_two_processes_share_a_study_exactly(mlflow_store, tmp_path):
+    trials = 4
+    spec = tmp_path / "shared.yaml"
+    spec.write_text(yaml.safe_dump({
+        "study": "shared", "experiment": "shared-tuning", "trials": trials,
+        "cell": {"dataset": "digits", "method": "eos", "epochs": 1, "head_epochs": 1},
+        "search_space": {"k_neighbors": {"type": "int", "low": 3, "high": 30}},
+        "sampler": {"name": "TPESampler", "seed": 0}, "pruner": {"name": "NopPruner"}}))
+    journal = tmp_path / "journal.log"
+    command = [sys.executable, "-m", "benchmark", "tune", str(spec), "--storage", str(journal),
+               "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small machine
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(2)]
+    outputs = [process.communicate(timeout=240) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+
+    study = optuna.load_study(study_name="shared", storage=studies.make_storage(str(journal)))
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials
+    assert optuna.trial.TrialState.RUNNING not in states
+    runs = runs_in("shared-tuning")
+    assert sum(r.data.tags.get("phase1_complete") == "true" for r in runs) == 1
+    finals = [r for r in runs if r.data.tags.get("study_role") == "final"]
+    assert len(finals) == 1
+    assert len([r for r in runs if r.data.tags.get("study_role") == "study"]) == 1
+    # Both processes report the one test evaluation.
+    assert all(f"(run {finals[0].info.run_id})" in out for out, _ in outputs)
+
+
+def test_trials_of_a_killed_process_are_failed_and_replaced(mlflow_store, tmp_path):
+    journal = tmp_path / "journal.log"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**BASE_STUDY, "trials": 2}))
+    study = optuna.create_study(study_name="bad", storage=studies.make_storage(str(journal)),
+                                direction="maximize")
+    orphan = study.ask()  # left RUNNING by a process that no longer exists
+    orphan.set_user_attr(studies.ATTR_WORKER, "gone")
+    result = studies.run_study(spec, storage=str(journal), progress=False)
+    assert result["completed"] == 2
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert list(states.values()).count(optuna.trial.TrialState.COMPLETE) == 2

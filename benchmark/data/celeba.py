@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.data import DatasetDefaults, DatasetSource, ImageSet
+from benchmark.data import (DatasetDefaults, DatasetSource, ImageSet, file_fingerprint,
+                            visible_files)
 from benchmark.data.embedded import TEST_SPLIT_SEED
 from benchmark.data.folder import read_images, why_unreadable
 from benchmark.data.profiles import draw_per_class
@@ -23,7 +24,9 @@ PARTITION_FILE = "list_eval_partition.txt"
 IMAGE_FOLDER = "img_align_celeba"
 HOME_PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 # Part of the cache file's name: bump when the same name would hold different images.
-CACHE_VERSION = 1
+# 2: the name ends with the fingerprint of the files the images were decoded from.
+CACHE_VERSION = 2
+SOURCE_DIGEST_LENGTH = 16  # hex digits of the sources' fingerprint kept in names
 
 
 @DATASETS.register("celeba")
@@ -39,7 +42,14 @@ class CelebAHair(DatasetSource):
     ``TEST_SPLIT_SEED``: they are part of the dataset's definition.  Images are the aligned
     178x218 faces, centre-cropped to 178x178 (hair stays in view) and resized to 64x64;
     ``--image-size`` resizes further.  Only the kept images are decoded, and the result is
-    cached as ``<root>/celeba/hair5-64px-train5000-test1000-v1.pt`` (delete it to rebuild).
+    cached as ``<root>/celeba/hair5-64px-train5000-test1000-v2-<sources>.pt``, where
+    ``<sources>`` fingerprints the files it was decoded from: changed files are decoded
+    anew (the stale cache is deleted), and once the cache exists the images may be deleted.
+
+    Identity: ``params`` and that fingerprint, ``file_fingerprint`` (relative path, size,
+    mtime; hashing 1.4 GB of JPEGs would cost seconds to minutes a run) of the two lists and
+    every file in img_align_celeba/, relative to ``<root>/celeba``; without those files, the
+    fingerprint in the cache's name.
 
     Files are read in torchvision's layout, ``<root>/celeba/list_attr_celeba.txt``,
     ``list_eval_partition.txt`` and ``img_align_celeba/*.jpg``, without its md5 checks or
@@ -63,16 +73,58 @@ class CelebAHair(DatasetSource):
     def folder(self) -> Path:
         return self.data_root / "celeba"
 
+    def data_fingerprint(self) -> dict:
+        """``{"sources_stat_sha256": ...}``: see the class.  When neither the files nor a
+        decoded cache are there, the ``UserError`` of ``load``; with ``download``
+        ``{"to_download": [...]}`` instead (torchvision md5-checks what it fetches)."""
+        digest = self.sources_digest()
+        if digest is None:
+            cache = self.existing_cache()
+            if cache is None and self.download:
+                return {"to_download": self.missing_sources()}
+            if cache is None:
+                raise self.not_found()
+            digest = cache.stem[len(self.cache_prefix):]
+        return {"sources_stat_sha256": digest}
+
+    def sources_digest(self) -> str | None:
+        """The fingerprint of the attribute and partition lists and of every file in
+        img_align_celeba/ (None when one of them is missing)."""
+        if self.missing_sources():
+            return None
+        paths = [ATTRIBUTES_FILE, PARTITION_FILE,
+                 *(f"{IMAGE_FOLDER}/{name}" for name in visible_files(self.folder / IMAGE_FOLDER))]
+        return file_fingerprint(self.folder, paths)["stat_sha256"][:SOURCE_DIGEST_LENGTH]
+
     @property
-    def cache_file(self) -> Path:
-        return self.folder / (f"hair5-{self.defaults.image_size}px-train{self.train_per_class}"
-                              f"-test{self.test_per_class}-v{CACHE_VERSION}.pt")
+    def cache_prefix(self) -> str:
+        return (f"hair5-{self.defaults.image_size}px-train{self.train_per_class}"
+                f"-test{self.test_per_class}-v{CACHE_VERSION}-")
+
+    def cache_for(self, digest: str) -> Path:
+        return self.folder / f"{self.cache_prefix}{digest}.pt"
+
+    def existing_cache(self) -> Path | None:
+        """The newest decoded cache of these parameters, whatever files it came from."""
+        found = list(self.folder.glob(f"{self.cache_prefix}*.pt")) if self.folder.is_dir() else []
+        return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+    @property
+    def cache_file(self) -> Path | None:
+        """The decoded cache that ``load`` reads or writes: the one of the current files, or
+        without them the one there is (None: neither)."""
+        digest = self.sources_digest()
+        return self.cache_for(digest) if digest else self.existing_cache()
 
     def load(self) -> tuple[ImageSet, ImageSet]:
-        cached = self.read_cache()
+        digest = self.sources_digest()
+        cache = self.cache_for(digest) if digest else self.existing_cache()
+        cached = self.read_cache(cache) if cache else None
         if cached is not None:
             return cached
-        self.ensure_files()
+        if digest is None:
+            self.ensure_files()
+            digest = self.sources_digest()
         names, hair = read_attributes(self.folder / ATTRIBUTES_FILE)
         partition_of = read_partition(self.folder / PARTITION_FILE)
         partition = np.array([partition_of.get(name, -1) for name in names])
@@ -88,7 +140,7 @@ class CelebAHair(DatasetSource):
                                              seed=TEST_SPLIT_SEED)]
         pool = self.image_set([names[i] for i in pool_rows], labels[pool_rows])
         test = self.image_set([names[i] for i in test_rows], labels[test_rows])
-        self.write_cache(pool, test)
+        self.write_cache(self.cache_for(digest), pool, test)
         return pool, test
 
     def image_set(self, names: list[str], labels: np.ndarray) -> ImageSet:
@@ -110,16 +162,22 @@ class CelebAHair(DatasetSource):
                 f"{HOME_PAGE} (its Google Drive link) and put them in {self.folder}/, the zip "
                 f"extracted there (giving {self.folder / IMAGE_FOLDER}/000001.jpg ...)")
 
+    def missing_sources(self) -> list[str]:
+        present = [(self.folder / ATTRIBUTES_FILE).is_file(),
+                   (self.folder / PARTITION_FILE).is_file(), (self.folder / IMAGE_FOLDER).is_dir()]
+        return [name for name, there in zip([ATTRIBUTES_FILE, PARTITION_FILE, IMAGE_FOLDER],
+                                            present) if not there]
+
+    def not_found(self) -> UserError:
+        return UserError(f"CelebA not found under {self.data_root} (no "
+                         f"{self.folder / self.missing_sources()[0]}): {self.placement()}, or "
+                         f"add --download when online")
+
     def ensure_files(self) -> None:
-        needed = [ATTRIBUTES_FILE, PARTITION_FILE, IMAGE_FOLDER]
-        missing = [name for name in needed if not (self.folder / name).exists()]
-        if missing and self.download:
+        if self.missing_sources() and self.download:
             self.fetch()
-            missing = [name for name in needed if not (self.folder / name).exists()]
-        if missing:
-            raise UserError(f"CelebA not found under {self.data_root} (no "
-                            f"{self.folder / missing[0]}): {self.placement()}, or add "
-                            f"--download when online")
+        if self.missing_sources():
+            raise self.not_found()
 
     def fetch(self) -> None:
         from torchvision.datasets import CelebA
@@ -130,28 +188,35 @@ class CelebAHair(DatasetSource):
             message = f"CelebA download failed ({one_line(err)}); {self.placement()}"
             raise UserError(message) from err
 
-    def read_cache(self) -> tuple[ImageSet, ImageSet] | None:
-        if not self.cache_file.is_file():
+    @staticmethod
+    def read_cache(cache: Path) -> tuple[ImageSet, ImageSet] | None:
+        if not cache.is_file():
             return None
         try:
-            saved = torch.load(self.cache_file, weights_only=True)
+            saved = torch.load(cache, weights_only=True)
             return (ImageSet(saved["pool_images"], saved["pool_labels"], saved["classes"]),
                     ImageSet(saved["test_images"], saved["test_labels"], saved["classes"]))
         except Exception as err:  # a damaged cache is rebuilt, never trusted
-            warnings.warn(f"ignoring unreadable cache {self.cache_file} ({one_line(err)})")
+            warnings.warn(f"ignoring unreadable cache {cache} ({one_line(err)})")
             return None
 
-    def write_cache(self, pool: ImageSet, test: ImageSet) -> None:
-        partial = self.cache_file.with_suffix(".partial")
+    def write_cache(self, cache: Path, pool: ImageSet, test: ImageSet) -> None:
+        """Saves the decoded images as ``cache`` and deletes the caches of the same
+        parameters decoded from other files (stale, and 370 MB each at full size)."""
+        partial = cache.with_suffix(".partial")
         try:
             torch.save({"pool_images": pool.images, "pool_labels": pool.labels,
                         "test_images": test.images, "test_labels": test.labels,
                         "classes": pool.classes}, partial)
-            os.replace(partial, self.cache_file)  # never leaves a half-written cache behind
+            os.replace(partial, cache)  # never leaves a half-written cache behind
         except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
             partial.unlink(missing_ok=True)
-            warnings.warn(f"could not cache the decoded CelebA images in {self.cache_file} "
+            warnings.warn(f"could not cache the decoded CelebA images in {cache} "
                           f"({one_line(err)}); the next run decodes them again")
+            return
+        for stale in self.folder.glob(f"{self.cache_prefix}*.pt"):
+            if stale != cache:
+                stale.unlink(missing_ok=True)
 
 
 def exclusive_rows(labels: np.ndarray, partition: np.ndarray, part: int,

