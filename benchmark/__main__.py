@@ -182,12 +182,27 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_overrides(args: argparse.Namespace) -> dict:
+    return {"device": args.device, **({"data_root": args.data_root} if args.data_root else {}),
+            **({"download": True} if args.download else {})}
+
+
+def check_grid(args: argparse.Namespace) -> None:
+    from benchmark.studies import Grid
+
+    Grid.from_spec(args.spec, grid_overrides(args))
+
+
+def check_tune(args: argparse.Namespace) -> None:
+    from benchmark.studies import StudySpec
+
+    StudySpec.from_file(args.spec).check()
+
+
 def command_grid(args: argparse.Namespace) -> int:
     from benchmark.studies import grid_summary, run_grid
 
-    overrides = {"device": args.device, **({"data_root": args.data_root} if args.data_root else {}),
-                 **({"download": True} if args.download else {})}
-    counts = run_grid(args.spec, overrides, progress=not args.quiet)
+    counts = run_grid(args.spec, grid_overrides(args), progress=not args.quiet)
     print(grid_summary(counts))
     return 1 if counts["failed"] else 0
 
@@ -236,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--download", action="store_true")
     grid.add_argument("--device", default="auto")
     grid.add_argument("--quiet", action="store_true")
-    grid.set_defaults(handler=command_grid)
+    grid.set_defaults(handler=command_grid, precheck=check_grid)
     tune = sub.add_parser("tune", help="run or continue an Optuna study (spec in YAML)")
     tune.add_argument("spec", help="study spec (YAML), e.g. studies/tune-eos.yaml")
     tune.add_argument("--storage", type=_optional_text, default=None,
@@ -245,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=_positive_int, default=None,
                       help="completed trials to reach (default: the spec's)")
     tune.add_argument("--quiet", action="store_true")
-    tune.set_defaults(handler=command_tune)
+    tune.set_defaults(handler=command_tune, precheck=check_tune)
     clean = sub.add_parser("clean", help="mark KILLED the runs left RUNNING by a process that "
                                          "was killed (every run/grid/tune does this first)")
     clean.set_defaults(handler=command_clean)

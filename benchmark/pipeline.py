@@ -25,7 +25,6 @@ from benchmark.data.profiles import (balanced_validation, check_counts, choose_v
                                      draw_per_class, fingerprint, profile_counts,
                                      stratified_split)
 from benchmark.errors import UserError
-from benchmark.losses import Loss
 from benchmark.metrics import balanced_accuracy, confusion, generalization_gap, scores_from_confusion
 from benchmark.models import Classifier
 from benchmark.registry import BACKBONES, DATASETS, LOSSES
@@ -152,7 +151,8 @@ class TrainingSet:
     run_id: str | None  # the run that computed it, when loaded from the cache
 
 
-_TRAINING_SET_MEMO: OrderedDict[str, TrainingSet] = OrderedDict()
+# Training sets this process holds, by (store, key): a grid's seeds reuse them from memory.
+_TRAINING_SET_MEMO: OrderedDict[tuple[str, str], TrainingSet] = OrderedDict()
 
 
 def training_set_stage(cell: Cell, key: str | None) -> TrainingSet:
@@ -161,8 +161,9 @@ def training_set_stage(cell: Cell, key: str | None) -> TrainingSet:
     real = cell.data.train
     if key is None:
         return TrainingSet(real, [0] * real.num_classes, 0.0, None)
-    if key in _TRAINING_SET_MEMO:
-        return _TRAINING_SET_MEMO[key]
+    memo_key = (tracking.tracking_uri(), key)
+    if memo_key in _TRAINING_SET_MEMO:
+        return _TRAINING_SET_MEMO[memo_key]
     source = tracking.find_stage_run("training_set", key)
     if source is not None:
         folder = tracking.download_artifacts(source, "training_set")
@@ -185,7 +186,7 @@ def training_set_stage(cell: Cell, key: str | None) -> TrainingSet:
         synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
                      - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
         result = TrainingSet(combined, synthetic, seconds, None)
-    _TRAINING_SET_MEMO[key] = result
+    _TRAINING_SET_MEMO[memo_key] = result
     while len(_TRAINING_SET_MEMO) > 2:
         _TRAINING_SET_MEMO.popitem(last=False)
     return result
@@ -215,6 +216,7 @@ def log_training_set(cell: Cell, key: str | None, training_set: TrainingSet) -> 
     run.set_tags({"training_set_run_id": training_set.run_id or run.run_id})
     if training_set.run_id is None:
         run.set_tags({"training_set_complete": "true"})
+        training_set.run_id = run.run_id  # later cells of this process reuse it as stored
 
 
 # Phase 1 --------------------------------------------------------------------------------------
@@ -570,7 +572,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
 
 def training_set_stage_fresh(cell: Cell, key: str | None) -> TrainingSet:
     """``--no-cache``: the training set is computed again too."""
-    _TRAINING_SET_MEMO.pop(key, None)
+    _TRAINING_SET_MEMO.pop((tracking.tracking_uri(), key), None)
     real = cell.data.train
     if key is None:
         return TrainingSet(real, [0] * real.num_classes, 0.0, None)

@@ -5,11 +5,11 @@ import contextlib
 import os
 import socket
 import sqlite3
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from benchmark.errors import UserError, one_line
+from benchmark.locks import hold_file_lock
 
 # MLflow's own defaults retry an unreachable server for about four minutes per call; a run
 # should fail within a minute or so instead.  A user's own settings win.
@@ -138,28 +138,18 @@ def _quiet(*loggers: str):
 
 @contextlib.contextmanager
 def _file_lock(lock_path: Path):
-    """An exclusive inter-process lock held for the block (none where fcntl is missing)."""
+    """The store's creation lock, held for the block (none where fcntl is missing)."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # Windows: no lock; concurrent first starts remain a risk there
         yield
         return
-    with open(lock_path, "a") as handle:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"another process has held {lock_path} for over "
-                                    f"{LOCK_WAIT_S:.0f} s while preparing the tracking store; "
-                                    f"if none is running, delete the lock file") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = hold_file_lock(lock_path, LOCK_WAIT_S, "preparing the tracking store; if none is "
+                                                  "running, delete the lock file")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_sqlite_takes_writes(path: Path) -> None:

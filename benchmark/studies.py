@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 from benchmark import tracking
 from benchmark.config import RunConfig
 from benchmark.errors import DivergenceError, RunStopped, UserError, one_line
+from benchmark.locks import DatabaseLock, FileLock
 from benchmark.registry import METHODS
 
 # Fields of RunConfig that change where a run is logged or how it is computed, not what it is.
@@ -374,8 +376,6 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -425,92 +425,6 @@ def make_storage(url: str | None):
         warnings.simplefilter("ignore")
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
                                           grace_period=GRACE_S)
-
-
-class FileLock:
-    """An exclusive inter-process lock on a file (``flock``), held while its descriptor is
-    open: others wait for it, and the system lets it go when its holder dies, so a killed
-    process leaves no stale lock behind.  Not re-entrant; POSIX only."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, wait: bool = True) -> bool:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:  # an interrupt while waiting
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        """Let the lock go; nothing when it is not held."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the only descriptor releases the flock
-
-    def __enter__(self) -> "FileLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class DatabaseLock:
-    """A server's advisory lock (PostgreSQL ``pg_advisory_lock``, MySQL ``GET_LOCK``) held on a
-    connection of its own: others wait for it, and the server lets it go when the connection
-    drops, so a killed process leaves no stale lock behind."""
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-        self._connection = None
-
-    def _execute(self, connection, action: str) -> None:
-        from sqlalchemy import text
-
-        digest = hashlib.sha256(self.name.encode()).digest()
-        if self.engine.dialect.name == "postgresql":
-            key = int.from_bytes(digest[:8], "big", signed=True)  # a bigint names the lock
-            connection.execute(text(f"SELECT pg_advisory_{action}(:key)"), {"key": key})
-        else:  # MySQL and MariaDB: a name of at most 64 characters; -1 waits for ever
-            sql = "SELECT GET_LOCK(:name, -1)" if action == "lock" else "SELECT RELEASE_LOCK(:name)"
-            connection.execute(text(sql), {"name": digest.hex()[:60]})
-
-    def acquire(self) -> None:
-        # Autocommit: the lock belongs to the session, and no transaction stays open for hours.
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            self._execute(connection, "lock")
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-
-    def release(self) -> None:
-        """Let the lock go; nothing when it is not held."""
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            try:
-                self._execute(connection, "unlock")
-            finally:
-                connection.close()
-
-    def __enter__(self) -> "DatabaseLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class StudyLocks:
@@ -804,4 +718,5 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                             if k.startswith("test_") and "class" not in k})
     return {"study": spec.name, "experiment": spec.experiment, "completed": completed(),
             "trials": len(study.trials), "best_params": best.params, "best_val_bac": best.value,
-            "final_run_id": final_run, "final_metrics": final_metrics, "parent_run_id": parent.run_id}
+            "final_run_id": final_run, "final_metrics": final_metrics,
+            "parent_run_id": parent.run_id}

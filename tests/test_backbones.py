@@ -100,3 +100,38 @@ def test_unknown_timm_model_fails_before_any_run(mlflow_store, tiny_config):
     with pytest.raises(UserError, match="no-such-net"):
         run_cell(tiny_config(backbone="timm:no-such-net"), progress=False)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn28", "densenet"])
+def test_backbones_expose_stages_a_module_can_be_inserted_at(name):
+    from torch import nn
+
+    from benchmark.models import Classifier, backbone_stages, insert_after_stage, linear_head
+    from benchmark.registry import BACKBONES
+
+    params = {"depth": 10} if name == "densenet" else {}
+    torch.manual_seed(0)
+    extractor = BACKBONES.create(name, in_channels=3, image_size=16, **params)
+    model = Classifier(extractor, linear_head(extractor.embedding_dim, 4)).eval()
+    assert list(backbone_stages(extractor)) == ["stage1", "stage2", "stage3"]
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    handle = insert_after_stage(model, "stage2", nn.Identity(), "probe")
+    assert torch.equal(model(x), before)
+    handle.remove()
+    zeroing = insert_after_stage(model, "stage2", nn.Dropout(p=1.0).train(), "zeroing")
+    assert not torch.equal(model(x), before)
+    zeroing.remove()
+    assert torch.equal(model(x), before)
+    assert "zeroing" in dict(model.named_modules())
+
+
+def test_a_backbone_without_stages_is_refused_in_one_line():
+    from torch import nn
+
+    from benchmark.errors import UserError
+    from benchmark.models import Classifier, insert_after_stage
+
+    model = Classifier(nn.Flatten(), nn.Identity())
+    with pytest.raises(UserError, match="exposes no named stages"):
+        insert_after_stage(model, "stage2", nn.Identity(), "x")

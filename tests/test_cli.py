@@ -99,3 +99,17 @@ def test_a_neighbourhood_larger_than_a_class_is_clamped_and_logged(mlflow_store,
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["method_hparam.k_neighbors"] == "1"
     assert "clamped" in run.data.tags["notes"]
+
+
+def test_a_dataset_with_one_class_is_refused_before_training(mlflow_store, capsys, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "tree" / "only").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "tree" / "only" / f"{i}.png")
+    argv = ["run", "--dataset", "folder", "--data-root", str(tmp_path / "tree"), "--method",
+            "none", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "classification needs at least 2" in err and err.count("\n") == 1
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -122,3 +122,45 @@ def test_user_set_loss_parameters_name_the_loss(mlflow_store, tiny_config):
     plain = run_cell(tiny_config(loss="focal", method="none"), progress=False)
     params = mlflow.get_run(plain["run_id"]).data.params
     assert "loss.gamma" not in params and params["loss_hparam.gamma"] == "2.0"
+
+
+def write_noise_tree(root, seed, classes=("cat", "dog", "owl"), per_class=12):
+    """Class folders of random 16x16 PNGs; another seed is other data with the same classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            pixels[..., c] = 255  # each class leans to one colour: learnable
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_folders_with_the_same_classes_never_share_a_phase1(mlflow_store, tiny_config, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_noise_tree(first, seed=1)
+    write_noise_tree(second, seed=2)
+    make = lambda root: tiny_config(dataset="folder", data_root=str(root), method="smote",
+                                    epochs=1, head_epochs=1, image_size=16)
+    a = run_cell(make(first), progress=False)
+    b = run_cell(make(second), progress=False)
+    assert not b["phase1_reused"] and b["phase1_run_id"] != a["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'fresh.db'}")
+    fresh = run_cell(make(second), progress=False)
+    for name, value in fresh["metrics"].items():
+        if not name.startswith("time_"):
+            assert b["metrics"][name] == value, name
+
+
+def test_a_cached_phase1_that_does_not_fit_the_cell_is_refused(mlflow_store, tiny_config,
+                                                              monkeypatch):
+    from benchmark import tracking
+
+    first = run_cell(tiny_config(method="none", epochs=1), progress=False)
+    # A store that hands out the wrong phase 1 (another profile: other class counts).
+    monkeypatch.setattr(tracking, "find_phase1_run", lambda key: first["run_id"])
+    with pytest.raises(UserError, match=f"cached phase 1 of run {first['run_id']} does not "
+                                        f"match this cell.*train_class_counts"):
+        run_cell(tiny_config(method="none", epochs=1, ratio=5), progress=False)
+    assert len(all_runs()) == 1

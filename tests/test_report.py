@@ -194,12 +194,12 @@ def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
     header = next(line for line in runtime.splitlines() if line.startswith("Loss & "))
     runtime_titles([t.strip() for t in header.rstrip("\\ ").split("&")][:-1] + ["n"])
     assert "& eos & " in runtime and "& none & " in runtime
-    # The default format is all: markdown and CSV copies too, and the recall figure; no K
-    # figure, since only one run logged a K (the others use the default).
+    # The default format is all: markdown and CSV copies too, the recall figure, and a K
+    # figure: every eos run logs the K in force, so K=3 and the default K=10 make a curve.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         f"scores-{SETTING}.tex", f"scores-{SETTING}.csv", f"runtime-{SETTING}.tex",
         f"runtime-{SETTING}.csv", "scores.csv", "runtime.csv", "report.md",
-        f"recall-{SETTING}.png"])
+        f"recall-{SETTING}.png", f"k-sensitivity-{SETTING}.png"])
 
 
 def test_mlproject_default_means_not_given(store, tmp_path):

@@ -6,8 +6,6 @@ import sys
 import time
 
 import mlflow
-import numpy as np
-import pytest
 import torch
 
 from benchmark import pipeline, tracking

@@ -340,3 +340,23 @@ def test_trials_of_a_killed_process_are_failed_and_replaced(mlflow_store, tmp_pa
     states = {t.number: t.state for t in study.get_trials()}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
     assert list(states.values()).count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+def test_only_trials_whose_process_is_gone_are_failed(tmp_path):
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name="s", storage=studies.make_storage(str(journal)))
+    locks = studies.StudyLocks(str(journal), "s")
+    alive = studies.FileLock(locks.folder / "worker-alive.lock")
+    alive.acquire()  # another process at work
+    (locks.folder / "worker-killed.lock").touch()  # its process died holding it: now free
+    owners = ["alive", "killed", None]
+    for owner in owners:
+        trial = study.ask()
+        if owner:
+            trial.set_user_attr(studies.ATTR_WORKER, owner)
+    try:
+        assert locks.fail_dead_trials(study) == [1, 2]
+    finally:
+        alive.release()
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "FAIL", "FAIL"]
+    assert not (locks.folder / "worker-killed.lock").exists()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from benchmark.errors import UserError
 
 
 class Classifier(nn.Module):
@@ -23,3 +26,27 @@ def linear_head(embedding_dim: int, num_classes: int) -> nn.Module:
     nn.init.kaiming_normal_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def backbone_stages(extractor: nn.Module) -> dict[str, nn.Module]:
+    """The named stages of an extractor, in order: ``{name: module whose output ends it}``.
+
+    Backbones expose them with a ``stages()`` method; one without (a ``timm:`` model) cannot
+    take a module inserted at a stage."""
+    if not hasattr(extractor, "stages"):
+        raise UserError(f"backbone {type(extractor).__name__} exposes no named stages, so no "
+                        f"module can be inserted into it; use a resnet, wrn28 or densenet")
+    return extractor.stages()
+
+
+def insert_after_stage(model: Classifier, stage: str, module: nn.Module,
+                       name: str) -> RemovableHandle:
+    """Apply ``module`` to the output of the extractor's ``stage``; it becomes a submodule of
+    ``model`` (``name``), so it trains and is saved with it.  ``handle.remove()`` takes it out
+    of the forward pass again (e.g. a training-only module, before evaluation)."""
+    stages = backbone_stages(model.extractor)
+    if stage not in stages:
+        raise UserError(f"backbone {type(model.extractor).__name__} has no stage '{stage}'; "
+                        f"its stages: {', '.join(stages)}")
+    model.add_module(name, module)
+    return stages[stage].register_forward_hook(lambda _module, _inputs, output: module(output))

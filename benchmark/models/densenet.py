@@ -55,10 +55,12 @@ class DenseNetBC(nn.Module):
         layers_per_block = (depth - 4) // 6
         planes = 2 * growth_rate
         stages: list[nn.Module] = [nn.Conv2d(in_channels, planes, 3, 1, 1, bias=False)]
+        self.block_ends: list[int] = []
         for block in range(3):
             for _ in range(layers_per_block):
                 stages.append(BottleneckLayer(planes, growth_rate))
                 planes += growth_rate
+            self.block_ends.append(len(stages) - 1)
             if block < 2:
                 compressed = int(planes * compression)
                 stages.append(Transition(planes, compressed))
@@ -69,6 +71,11 @@ class DenseNetBC(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The last layer of each of the 3 dense blocks (transitions halve the resolution
+        after the first two)."""
+        return {f"stage{i + 1}": self.features[end] for i, end in enumerate(self.block_ends)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.features(x)))

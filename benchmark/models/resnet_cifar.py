@@ -56,10 +56,17 @@ class CifarResNet(nn.Module):
                 layers.append(BasicBlock(in_planes, planes, stride if b == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
+        self.blocks_per_stage = blocks
         self.embedding_dim = in_planes
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The last block of each of the 3 stages (the second and third start by halving the
+        resolution)."""
+        n = self.blocks_per_stage
+        return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))

@@ -57,11 +57,18 @@ class WideResNet(nn.Module):
                 layers.append(PreActBlock(in_planes, planes, stride if b == 0 else 1, dropout))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
+        self.blocks_per_stage = blocks
         self.bn = nn.BatchNorm2d(in_planes)
         self.embedding_dim = in_planes
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The last block of each of the 3 stages (the second and third start by halving the
+        resolution)."""
+        n = self.blocks_per_stage
+        return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.layers(self.stem(x))))
