@@ -141,13 +141,15 @@ def configs_from_args(args: argparse.Namespace):
 
 
 def summary_line(result: dict) -> str:
+    from benchmark.schema import WALL_TIME, test
+
     m = result["metrics"]
     reused = (f"; phase 1 reused from run {result['phase1_run_id']}"
               if result["phase1_reused"] else "")
     return (f"run {result['run_id']} ({result['config'].method}, {result['config'].dataset}, "
-            f"seed {result['config'].seed}): BAC {m['test_bac']:.4f}  GM {m['test_gm']:.4f} "
-            f"(macro {m['test_gm_macro']:.4f})  F1 {m['test_f1_macro']:.4f}  "
-            f"in {m['time_wall_s']:.1f} s{reused}")
+            f"seed {result['config'].seed}): BAC {m[test('bac')]:.4f}  GM {m[test('gm')]:.4f} "
+            f"(macro {m[test('gm_macro')]:.4f})  F1 {m[test('f1_macro')]:.4f}  "
+            f"in {m[WALL_TIME]:.1f} s{reused}")
 
 
 def check_run(args: argparse.Namespace) -> None:
@@ -208,6 +210,7 @@ def command_grid(args: argparse.Namespace) -> int:
 
 
 def command_tune(args: argparse.Namespace) -> int:
+    from benchmark.schema import test
     from benchmark.studies import run_study
 
     result = run_study(args.spec, storage=args.storage, trials=args.trials,
@@ -216,8 +219,8 @@ def command_tune(args: argparse.Namespace) -> int:
     final = result["final_metrics"]
     print(f"study '{result['study']}': {result['completed']} completed trials "
           f"({result['trials']} in all); best validation BAC {result['best_val_bac']:.4f} with "
-          f"{params}; on test: BAC {final['test_bac']:.4f} GM {final['test_gm_macro']:.4f} "
-          f"F1 {final['test_f1_macro']:.4f} (run {result['final_run_id']}); "
+          f"{params}; on test: BAC {final[test('bac')]:.4f} GM {final[test('gm_macro')]:.4f} "
+          f"F1 {final[test('f1_macro')]:.4f} (run {result['final_run_id']}); "
           f"MLflow experiment '{result['experiment']}'")
     return 0
 

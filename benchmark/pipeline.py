@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmark import tracking
+from benchmark import schema, tracking
 from benchmark.cell import Cell, CellData
 from benchmark.config import SUITE_BACKBONE_ARGS, RunConfig
 from benchmark.data import ImageSet
@@ -240,8 +240,9 @@ def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
         return balanced_accuracy(val_labels, predicted, data.val.num_classes)
 
     def log_epoch(epoch: int, record: dict) -> None:
-        run.log_metrics({"phase1_train_loss": record["train_loss"],
-                         "phase1_val_bac": record["val_bac"], "phase1_lr": record["lr"]}, step=epoch)
+        run.log_metrics({schema.phase(1, "train_loss"): record["train_loss"],
+                         schema.phase(1, "val_bac"): record["val_bac"],
+                         schema.phase(1, "lr"): record["lr"]}, step=epoch)
         cell.method.on_epoch_end(cell, "phase1", epoch, record)
 
     last_saved = time.monotonic()
@@ -262,9 +263,9 @@ def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
     if resume is not None:
         elapsed_before = resume.get("elapsed", 0.0)
         for record in resume["history"]:  # the resumed run's curves start at epoch 1 too
-            run.log_metrics({"phase1_train_loss": record["train_loss"],
-                             "phase1_val_bac": record["val_bac"], "phase1_lr": record["lr"]},
-                            step=record["epoch"])
+            run.log_metrics({schema.phase(1, "train_loss"): record["train_loss"],
+                             schema.phase(1, "val_bac"): record["val_bac"],
+                             schema.phase(1, "lr"): record["lr"]}, step=record["epoch"])
     start = time.perf_counter()
     trained = torch.compile(model) if cfg.compile else model  # shares model's parameters
     result = fit(trained, batches, cell.loss, cfg.schedule, validate, on_epoch=log_epoch,
@@ -295,8 +296,8 @@ def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
         np.savez_compressed(Path(tmp, "embeddings.npz"), **embeddings)
         Path(tmp, "summary.json").write_text(json.dumps(summary, indent=1))
         run.log_artifacts(tmp, "phase1")
-    run.log_metrics({"phase1_best_epoch": result.best_epoch,
-                     "phase1_best_val_bac": result.best_score})
+    run.log_metrics({schema.phase(1, "best_epoch"): result.best_epoch,
+                     schema.phase(1, "best_val_bac"): result.best_score})
     run.set_tags({tracking.TAG_PHASE1_COMPLETE: "true", tracking.TAG_PHASE1_RUN: run.run_id})
     phase1 = Phase1(embeddings, state, summary, run.run_id)
     remember_phase1(phase1)
@@ -399,8 +400,8 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
         return balanced_accuracy(emb["val_y"], predict(head, val_x).argmax(1).numpy(), num_classes)
 
     def log_epoch(epoch: int, record: dict) -> None:
-        run.log_metrics({"phase3_train_loss": record["train_loss"],
-                         "phase3_val_bac": record["val_bac"]}, step=epoch)
+        run.log_metrics({schema.phase(3, "train_loss"): record["train_loss"],
+                         schema.phase(3, "val_bac"): record["val_bac"]}, step=epoch)
         cell.method.on_epoch_end(cell, "phase3", epoch, record)
         if on_epoch is not None:
             on_epoch(epoch, record["val_bac"])
@@ -410,8 +411,8 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
                  on_epoch=log_epoch, progress="phase 3" if cell.progress else None,
                  step=cell.method.head_step(cell))
     cell.timings["phase3"] = time.perf_counter() - start
-    run.log_metrics({"phase3_best_epoch": result.best_epoch,
-                     "phase3_best_val_bac": result.best_score})
+    run.log_metrics({schema.phase(3, "best_epoch"): result.best_epoch,
+                     schema.phase(3, "best_val_bac"): result.best_score})
     return head, train_x, train_y, {"best_val_bac": result.best_score}
 
 
@@ -426,10 +427,10 @@ def evaluate(head, phase1: Phase1, train_x: np.ndarray, train_y: np.ndarray, cla
     scores = scores_from_confusion(cm)
     gap, gap_per_class = generalization_gap(train_x, train_y, emb["test_x"], emb["test_y"],
                                             num_classes)
-    metrics = {f"test_{k}": v for k, v in scores.items() if k != "recall"}
-    metrics.update({f"test_recall_class_{c}": r for c, r in enumerate(scores["recall"])})
-    metrics["gap"] = gap
-    metrics.update({f"gap_class_{c}": g for c, g in enumerate(gap_per_class) if np.isfinite(g)})
+    metrics = {schema.test(k): v for k, v in scores.items() if k != "recall"}
+    metrics.update({schema.recall(c): r for c, r in enumerate(scores["recall"])})
+    metrics[schema.GAP] = gap
+    metrics.update({schema.class_gap(c): g for c, g in enumerate(gap_per_class) if np.isfinite(g)})
     return metrics, cm, gap_per_class
 
 
@@ -448,7 +449,7 @@ def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class:
     table = pd.DataFrame({
         "class": classes, "train_real": real, "train_synthetic_images": synthetic_images,
         "train_synthetic_embeddings": final - real, "val": cell.data.val_class_counts,
-        "test_recall": [metrics[f"test_recall_class_{c}"] for c in range(len(classes))],
+        "test_recall": [metrics[schema.recall(c)] for c in range(len(classes))],
         "test_support": cm.sum(axis=1), "gap": gap_per_class})
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp, "model.pt"))
@@ -549,8 +550,8 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
                 cell.timings["training_set"] = phase1.summary["time_training_set_s"]
         extra = method.phase2_outputs(cell, phase1)
         head, train_x, train_y, phase3 = retrain_head(cell, phase1, resampler, on_head_epoch)
-        metrics = {"val_bac": phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
-                   **{f"time_{stage}_s": seconds for stage, seconds in cell.timings.items()}}
+        metrics = {schema.VAL_BAC: phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
+                   **{schema.time(stage): seconds for stage, seconds in cell.timings.items()}}
         results = {"phase1": phase1, "head": head, "train_x": train_x, "train_y": train_y,
                    "phase2_outputs": extra}
         if evaluate_test:
@@ -563,7 +564,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
                         synthetic)
             results.update(metrics=test_metrics, confusion=cm)
         method.on_cell_end(cell, results)
-        metrics["time_wall_s"] = time.perf_counter() - started
+        metrics[schema.WALL_TIME] = time.perf_counter() - started
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
             "phase1_reused": source_run is not None, "resumed_from": resume_run,

@@ -14,7 +14,7 @@ from typing import Callable
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark import tracking
+from benchmark import schema, tracking
 from benchmark.errors import UserError
 
 DEFAULT_EXPERIMENT = "eos-benchmark"
@@ -44,21 +44,22 @@ CELL_KEYS = SETTING_KEYS + ("loss", "loss_label", "method", "method_label", "met
                             GROUP_FIELD)
 
 GM_FORMS = {
-    "macro": ("test_gm_macro", "imbalanced-learn's macro geometric mean, "
-                               "sqrt(mean recall x mean specificity) (metric test_gm_macro)"),
-    "multiclass": ("test_gm", "the geometric mean of the per-class recalls (metric test_gm)"),
+    "macro": (schema.test("gm_macro"), "imbalanced-learn's macro geometric mean, "
+                                       "sqrt(mean recall x mean specificity)"),
+    "multiclass": (schema.test("gm"), "the geometric mean of the per-class recalls"),
 }
-F1_METRIC = "test_f1_macro"
-BAC_METRIC = "test_bac"
-RECALL_PREFIX = "test_recall_class_"
+F1_METRIC = schema.test("f1_macro")
+BAC_METRIC = schema.test("bac")
+RECALL_PREFIX = schema.recall(0)[:-1]
 
-# Stage times, logged as ``time_<stage>_s``: the runtime table has a column for every stage its
+# Stage times, logged as ``time/<stage>_s``: the runtime table has a column for every stage its
 # runs logged, and their sum, but for these: the wall clock (it includes loading and
 # evaluation), loading a cached phase 1 (no compute: a reused phase 1 logs the time of the run
 # that trained it instead, so every method is charged for the phase 1 it needs) and the total.
-STAGE_TIME = re.compile(r"time_(?P<stage>\w+)_s")
-TOTAL_TIME = "time_total_s"
-NOT_STAGES = ("time_wall_s", "time_phase1_load_s", TOTAL_TIME)
+STAGE_TIME = re.compile(re.escape(schema.TIME_PREFIX) + r"(?P<stage>\w+)" +
+                        re.escape(schema.TIME_SUFFIX))
+TOTAL_TIME = schema.time("total")
+NOT_STAGES = (schema.WALL_TIME, schema.LOAD_TIME, TOTAL_TIME)
 # Known stages in pipeline order, with their titles; others follow alphabetically.
 STAGE_TITLES = {"generator": "Generator", "pixel_resample": "Pixel resampling",
                 "training_set": "Training set", "phase1": "Phase 1", "phase2": "Phase 2",
@@ -128,8 +129,8 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     variants of one method become separate columns), ``method_variant`` (the method label
     without K), ``K`` (the K in force, ``method_hparam.k_neighbors``; empty for a method
     without one),
-    ``train_class_counts`` (JSON list) and every metric under its own name (``test_bac``,
-    ``time_phase1_s``, ...)."""
+    ``train_class_counts`` (JSON list) and every metric under its own name (``test/bac``,
+    ``time/phase1_s``, ...: ``benchmark.schema``)."""
     def param(name: str) -> pd.Series:
         column = f"params.{name}"
         return raw[column] if column in raw else pd.Series(None, index=raw.index, dtype=object)
@@ -189,7 +190,7 @@ def aggregate(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def stage_metrics(columns) -> list[str]:
-    """The stage times among ``columns`` (``time_<stage>_s`` less ``NOT_STAGES``): known stages
+    """The stage times among ``columns`` (``time/<stage>_s`` less ``NOT_STAGES``): known stages
     in pipeline order, then the others alphabetically."""
     known = list(STAGE_TITLES)
 
@@ -207,7 +208,7 @@ def stage_title(metric: str) -> str:
 
 
 def with_total_time(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add ``time_total_s``: the sum of the stage times the run logged (NaN if none)."""
+    """Add ``time/total_s``: the sum of the stage times the run logged (NaN if none)."""
     stages = runs[stage_metrics(runs.columns)]
     return runs.assign(**{TOTAL_TIME: stages.sum(axis=1, min_count=1)})
 
@@ -1054,8 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "markdown (printed, and written as one .md) or csv (one .csv per "
                              "table plus every cell's aggregates); PNG figures always")
     parser.add_argument("--gm", default="macro",
-                        help="GM shown: macro (test_gm_macro, the EOS paper's) or multiclass "
-                             "(test_gm, per-class geometric mean); default macro")
+                        help="GM shown: macro (test/gm_macro, the EOS paper's) or multiclass "
+                             "(test/gm, per-class geometric mean); default macro")
     parser.add_argument("--no-log", action="store_true",
                         help="do not log the report as an MLflow run")
     return parser

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from benchmark import tracking
+from benchmark import schema, tracking
 from benchmark.config import RunConfig
 from benchmark.errors import DivergenceError, RunStopped, UserError, one_line
 from benchmark.locks import DatabaseLock, FileLock
@@ -263,8 +263,8 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
         counts["phase1_trained"] += not result["phase1_reused"]
         m = result["metrics"]
         tqdm.write(f"{cfg.dataset} {cfg.loss} {cfg.method} seed {cfg.seed}: "
-                   f"BAC {m['test_bac']:.4f} GM {m['test_gm_macro']:.4f} "
-                   f"F1 {m['test_f1_macro']:.4f} (run {result['run_id']})")
+                   f"BAC {m[schema.test('bac')]:.4f} GM {m[schema.test('gm_macro')]:.4f} "
+                   f"F1 {m[schema.test('f1_macro')]:.4f} (run {result['run_id']})")
     counts["experiment"] = grid.experiment
     return counts
 
@@ -645,7 +645,7 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
             except _Pruned:
                 raise optuna.TrialPruned() from None
             tracking.set_run_tags(result["run_id"], {TAG_TRIAL_STATE: "COMPLETE"})
-            return result["metrics"]["val_bac"]
+            return result["metrics"][schema.VAL_BAC]
 
         bar = None
         if progress:
@@ -697,9 +697,10 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                             f"MLflow say why (tag {tracking.TAG_FAILURE})")
         best = study.best_trial
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        parent.log_metrics({"best_val_bac": best.value, "completed_trials": completed(),
-                            "pruned_trials": states.count(optuna.trial.TrialState.PRUNED),
-                            "failed_trials": states.count(optuna.trial.TrialState.FAIL)})
+        parent.log_metrics({"study/best_val_bac": best.value,
+                            "study/completed_trials": completed(),
+                            "study/pruned_trials": states.count(optuna.trial.TrialState.PRUNED),
+                            "study/failed_trials": states.count(optuna.trial.TrialState.FAIL)})
         parent.set_tags({f"best.{k}": str(v) for k, v in best.params.items()}
                         | {"best.trial": str(best.number)})
         with locks.final():  # the test set is seen once, whichever process gets here first
@@ -714,8 +715,8 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                                         "best.trial": str(best.number)},
                                   run_name=f"best-trial-{best.number}-on-test")
                 final_run, final_metrics = result["run_id"], result["metrics"]
-        parent.log_metrics({f"final_{k}": v for k, v in final_metrics.items()
-                            if k.startswith("test_") and "class" not in k})
+        parent.log_metrics({f"final/{k}": v for k, v in final_metrics.items()
+                            if k.startswith("test/")})
     return {"study": spec.name, "experiment": spec.experiment, "completed": completed(),
             "trials": len(study.trials), "best_params": best.params, "best_val_bac": best.value,
             "final_run_id": final_run, "final_metrics": final_metrics,

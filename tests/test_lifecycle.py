@@ -26,13 +26,13 @@ def test_methods_that_change_phase1_finish_with_their_own_phase1(mlflow_store, t
     result = run_cell(tiny_config(method=method, loss=loss, epochs=1, head_epochs=1),
                       progress=False)
     run = mlflow.get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["test_bac"])
+    assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["test/bac"])
     assert run.data.tags["phase1_key"] != mlflow.get_run(plain["run_id"]).data.tags["phase1_key"]
     assert not result["phase1_reused"]
     if method.startswith("pre-"):
         assert {"training_set/samples.png", "training_set/synthetic.npz"} <= artifacts(
             result["run_id"], "training_set")
-        assert "time_training_set_s" in run.data.metrics
+        assert "time/training_set_s" in run.data.metrics
         synthetic = eval(run.data.params["train_synthetic_counts"])  # a JSON list
         counts = eval(run.data.params["train_class_counts"])
         totals = [n + s for n, s in zip(counts, synthetic)]
@@ -40,7 +40,7 @@ def test_methods_that_change_phase1_finish_with_their_own_phase1(mlflow_store, t
             assert totals == [max(counts)] * len(counts)
         else:  # borderline and SVM variants add only where they find borderline points
             assert sum(synthetic) > 0 and max(totals) == max(counts) and min(synthetic) >= 0
-        assert "phase3_val_bac" not in run.data.metrics  # no phase 3: the plain head
+        assert "phase3/val_bac" not in run.data.metrics  # no phase 3: the plain head
 
 
 def test_a_second_training_seed_reuses_the_pixel_resampling(mlflow_store, tiny_config):
@@ -98,14 +98,14 @@ def test_hooks_are_called_for_every_cell(mlflow_store, tiny_config, monkeypatch)
 
     monkeypatch.setitem(METHODS._entries, "recording", (Recording, "records hooks"))
     run_cell(tiny_config(method="recording", epochs=2), progress=False)
-    assert calls == [("phase1", 1), ("phase1", 2), "phase2", ("end", "gap")]
+    assert calls == [("phase1", 1), ("phase1", 2), "phase2", ("end", "class/gap_0")]
 
 
 def test_stage_timings_name_every_stage_the_run_logged(mlflow_store, tiny_config):
     result = run_cell(tiny_config(method="pre-eos", epochs=1), progress=False)
     metrics = mlflow.get_run(result["run_id"]).data.metrics
-    stages = {k for k in metrics if k.startswith("time_")}
-    assert {"time_training_set_s", "time_phase1_s", "time_phase2_s", "time_wall_s"} <= stages
+    stages = {k for k in metrics if k.startswith("time/")}
+    assert {"time/training_set_s", "time/phase1_s", "time/phase2_s", "time/wall_s"} <= stages
     assert tracking.find_stage_run("training_set",
                                    mlflow.get_run(result["run_id"]).data.tags[
                                        "training_set_key"]) == result["run_id"]

@@ -8,8 +8,8 @@ import pytest
 from benchmark.errors import DivergenceError, UserError
 from benchmark.pipeline import run_cell
 
-SUMMARY_METRICS = ("test_bac", "test_gm", "test_gm_macro", "test_f1_macro", "test_accuracy",
-                   "gap", "time_phase1_s", "time_phase2_s", "time_resample_s", "time_phase3_s")
+SUMMARY_METRICS = ("test/bac", "test/gm", "test/gm_macro", "test/f1_macro", "test/accuracy",
+                   "gap/overall", "time/phase1_s", "time/phase2_s", "time/resample_s", "time/phase3_s")
 
 
 def all_runs():
@@ -22,12 +22,12 @@ def test_eos_cell_logs_a_finished_run_with_every_metric_and_artifact(mlflow_stor
     assert run.info.status == "FINISHED"
     for name in SUMMARY_METRICS:
         assert math.isfinite(run.data.metrics[name]), name
-    assert all(f"test_recall_class_{c}" in run.data.metrics for c in range(10))
-    assert 0 <= run.data.metrics["test_bac"] <= 1
+    assert all(f"class/recall_{c}" in run.data.metrics for c in range(10))
+    assert 0 <= run.data.metrics["test/bac"] <= 1
     # Per-epoch curves of both trained phases.
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(run.info.run_id, "phase1_val_bac")) == 2
-    assert len(client.get_metric_history(run.info.run_id, "phase3_val_bac")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "phase1/val_bac")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "phase3/val_bac")) == 2
     assert run.data.params["method"] == "eos" and run.data.params["dataset"] == "digits"
     assert run.data.tags["code_version"] and run.data.tags["phase1_key"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "phase1")}
@@ -57,7 +57,7 @@ def test_same_configuration_and_seed_give_identical_metrics(mlflow_store, tiny_c
     a = run_cell(tiny_config(), reuse_phase1=False, progress=False)["metrics"]
     b = run_cell(tiny_config(), reuse_phase1=False, progress=False)["metrics"]
     for name, value in a.items():
-        if not name.startswith("time_"):
+        if not name.startswith("time/"):
             assert b[name] == value, name
 
 
@@ -111,7 +111,7 @@ def test_final_gap_uses_the_resampled_embeddings(mlflow_store, tiny_config, tmp_
         gap, _ = generalization_gap(resampled["x"], resampled["y"], emb["test_x"],
                                     emb["test_y"], 10)
         assert np.bincount(resampled["y"]).min() == np.bincount(resampled["y"]).max()
-    assert result["metrics"]["gap"] == pytest.approx(gap)
+    assert result["metrics"]["gap/overall"] == pytest.approx(gap)
 
 
 def test_user_set_loss_parameters_name_the_loss(mlflow_store, tiny_config):
@@ -149,7 +149,7 @@ def test_folders_with_the_same_classes_never_share_a_phase1(mlflow_store, tiny_c
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'fresh.db'}")
     fresh = run_cell(make(second), progress=False)
     for name, value in fresh["metrics"].items():
-        if not name.startswith("time_"):
+        if not name.startswith("time/"):
             assert b["metrics"][name] == value, name
 
 

@@ -17,7 +17,7 @@ from benchmark import report
 EXPERIMENT = "report_tests"
 K_EXPERIMENT = "grid_k"
 TABLE2_EXPERIMENT = "grid_table2"
-SCORE_METRICS = {"BAC": "test_bac", "GM": "test_gm_macro", "FM": "test_f1_macro"}
+SCORE_METRICS = {"BAC": "test/bac", "GM": "test/gm_macro", "FM": "test/f1_macro"}
 SETTING = "digits-resnet32-exp-r10"
 SETTING_TITLE = "digits, resnet32, exp profile, ratio 10"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,7 +105,7 @@ def search(experiment: str, filter_string: str = "") -> pd.DataFrame:
 def direct_runs(store):
     """The cells straight from mlflow.search_runs, labelled by method column."""
     runs = search(EXPERIMENT)
-    runs = runs[runs["metrics.test_bac"].notna()].copy()
+    runs = runs[runs["metrics.test/bac"].notna()].copy()
     k = runs["params.method.k_neighbors"]
     runs["label"] = runs["params.method"].where(k.isna(), runs["params.method"] + " (K=" + k + ")")
     return runs
@@ -143,10 +143,10 @@ def table2_out(store, tmp_path_factory):
 
 
 def stage_times(runs: pd.DataFrame) -> list[str]:
-    """The ``metrics.time_<stage>_s`` columns some run logged, but for the wall clock and the
+    """The ``metrics.time/<stage>_s`` columns some run logged, but for the wall clock and the
     loading of a cached phase 1."""
-    return [c for c in runs.columns if re.fullmatch(r"metrics\.time_\w+_s", c)
-            and c not in ("metrics.time_wall_s", "metrics.time_phase1_load_s")
+    return [c for c in runs.columns if re.fullmatch(r"metrics\.time/\w+_s", c)
+            and c not in ("metrics.time/wall_s", "metrics.time/phase1_load_s")
             and runs[c].notna().any()]
 
 
@@ -185,7 +185,7 @@ def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--no-log"]) == 0
     scores = (tmp_path / f"scores-{SETTING}.tex").read_text()
     for text in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule", "report\\_tests",
-                 "{none}", "{eos}", "{eos (K=3)}", "\nce", "test\\_gm\\_macro"):
+                 "{none}", "{eos}", "{eos (K=3)}", "\nce", "macro geometric mean"):
         assert text in scores
     for metric in SCORE_METRICS.values():
         assert rf"\textbf{{{expected_best(direct_runs, metric)}}}" in scores
@@ -217,8 +217,8 @@ def test_markdown_prints_the_same_numbers_and_writes_them(store, direct_runs, ca
         for metric in SCORE_METRICS.values():
             assert f"{runs[f'metrics.{metric}'].mean():.4f}" in out
         if len(runs) > 1:
-            assert f"{runs['metrics.test_bac'].std(ddof=1):.4f}" in out
-    assert f"**{expected_best(direct_runs, 'test_bac')}**" in out
+            assert f"{runs['metrics.test/bac'].std(ddof=1):.4f}" in out
+    assert f"**{expected_best(direct_runs, 'test/bac')}**" in out
     runtime_header = next(line for line in out.splitlines() if "Method" in line)
     runtime_titles([c.strip() for c in runtime_header.strip("|").split("|")])
     assert not list(tmp_path.glob("*.tex")) and not list(tmp_path.glob("*.csv"))
@@ -228,9 +228,9 @@ def test_gm_form_selects_the_metric(store, direct_runs, capsys, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--format", "markdown", "--gm",
                         "multiclass", "--out", str(tmp_path), "--no-log"]) == 0
     out = capsys.readouterr().out
-    assert "(metric test_gm)" in out
+    assert "the geometric mean of the per-class recalls" in out
     for _, runs in direct_runs.groupby("label"):
-        assert f"{runs['metrics.test_gm'].mean():.4f}" in out
+        assert f"{runs['metrics.test/gm'].mean():.4f}" in out
 
 
 def test_runtime_table(built, loss_label, direct_runs):
@@ -243,7 +243,7 @@ def test_runtime_table(built, loss_label, direct_runs):
     assert frame.loc[(loss_label, "eos"), "vs eos"] == "1.00"
     assert frame.loc[(loss_label, "eos (K=3)"), "n"] == "1"
     # Every run logged phase 1's time, also those that reused it from the cache.
-    assert direct_runs["metrics.time_phase1_s"].gt(0).all()
+    assert direct_runs["metrics.time/phase1_s"].gt(0).all()
     totals = {label: runs[stage_times(direct_runs)].sum(axis=1).mean()
               for label, runs in direct_runs.groupby("label")}
     assert frame.loc[(loss_label, "eos"), "Total"] == f"{totals['eos']:.2f}"
@@ -277,7 +277,7 @@ def test_csv_copies_hold_the_numbers(store, direct_runs, loss_label, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--format", "csv", "--out",
                         str(tmp_path), "--no-log"]) == 0
     header = (tmp_path / "scores.csv").read_text().splitlines()[0]
-    assert "test_bac_mean" in header and "test_bac_std" in header and "runs_n" in header
+    assert "test/bac_mean" in header and "test/bac_std" in header and "runs_n" in header
     assert (tmp_path / "runtime.csv").exists()
     table = pd.read_csv(tmp_path / f"scores-{SETTING}.csv").set_index("Loss")
     for label, runs in direct_runs.groupby("label"):
@@ -341,7 +341,7 @@ def test_table2_layout_rows_are_dataset_and_loss(store, table2_out):
             cell = runs[(runs["params.method"] == method)
                         & (runs["params.loss"] == row["Loss"].split(" ")[0])]
             assert row[f"{method} n"] == len(cell)
-            assert row[f"{method} BAC mean"] == pytest.approx(cell["metrics.test_bac"].mean())
+            assert row[f"{method} BAC mean"] == pytest.approx(cell["metrics.test/bac"].mean())
     assert table["eos n"].tolist() == [2, 1]
     tex = (table2_out / "table2.tex").read_text()
     assert r"\multicolumn{4}{c}{none} & \multicolumn{4}{c}{eos}" in tex
@@ -463,8 +463,8 @@ def table1_runs() -> pd.DataFrame:
     (+0.3 for remix on celeba, the best there)."""
     return synthetic_runs([
         {"dataset": dataset, "method": method, "seed": seed, **fields,
-         "test_bac": 0.5 + 0.1 * rank + 0.01 * seed + (0.3 if (dataset, method) == (
-             "celeba", "remix") else 0), "test_gm_macro": 0.7, "test_f1_macro": 0.6}
+         "test/bac": 0.5 + 0.1 * rank + 0.01 * seed + (0.3 if (dataset, method) == (
+             "celeba", "remix") else 0), "test/gm_macro": 0.7, "test/f1_macro": 0.6}
         for dataset, fields in TABLE1_DATASETS.items()
         for rank, method in enumerate(TABLE1_METHODS) for seed in (0, 1)])
 
@@ -529,17 +529,17 @@ def test_column_groups_name_what_tells_two_settings_apart():
 
 
 def test_runtime_columns_are_the_stages_the_runs_logged():
-    pixel = {"time_pixel_resample_s": 2.0, "time_phase1_s": 10.0, "time_phase2_s": 1.0}
-    post = {"time_phase1_s": 10.0, "time_phase2_s": 1.0, "time_resample_s": 0.5,
-            "time_phase3_s": 0.5}
+    pixel = {"time/pixel_resample_s": 2.0, "time/phase1_s": 10.0, "time/phase2_s": 1.0}
+    post = {"time/phase1_s": 10.0, "time/phase2_s": 1.0, "time/resample_s": 0.5,
+            "time/phase3_s": 0.5}
     # Neither the wall clock nor the loading of a cached phase 1 is a stage.
-    not_stages = {"time_wall_s": 100.0, "time_phase1_load_s": 7.0}
+    not_stages = {"time/wall_s": 100.0, "time/phase1_load_s": 7.0}
     runs = synthetic_runs([
-        {"dataset": "a", "method": "pre-smote", "seed": 0, **pixel, "time_zeta_s": 1.0},
-        {"dataset": "a", "method": "gan", "seed": 0, **pixel, "time_generator_s": 30.0,
-         "time_cam_s": 1.0},
+        {"dataset": "a", "method": "pre-smote", "seed": 0, **pixel, "time/zeta_s": 1.0},
+        {"dataset": "a", "method": "gan", "seed": 0, **pixel, "time/generator_s": 30.0,
+         "time/cam_s": 1.0},
         {"dataset": "a", "method": "eos", "seed": 0, **post, **not_stages},
-        {"dataset": "a", "method": "eos", "seed": 1, **post, "time_phase3_s": 1.5},
+        {"dataset": "a", "method": "eos", "seed": 1, **post, "time/phase3_s": 1.5},
         {"dataset": "b", "method": "pre-smote", "seed": 0, **pixel},
         {"dataset": "b", "method": "smote", "seed": 0, **post},
     ])

@@ -117,13 +117,13 @@ def test_study_survives_a_kill_and_ends_with_exactly_the_requested_trials(
     completed_runs = [r for r in trials if r.data.tags.get("trial_state") == "COMPLETE"]
     assert len(completed_runs) == 12 and all(r.info.status == "FINISHED" for r in completed_runs)
     # Trials never see the test set; only the final evaluation does, once.
-    assert not any("test_bac" in r.data.metrics for r in trials)
+    assert not any("test/bac" in r.data.metrics for r in trials)
     finals = [r for r in runs if r.data.tags.get("study_role") == "final"]
-    assert len(finals) == 1 and "test_bac" in finals[0].data.metrics
+    assert len(finals) == 1 and "test/bac" in finals[0].data.metrics
     # One phase-1 training served every trial.
     assert sum(r.data.tags.get("phase1_complete") == "true" for r in runs) == 1
     assert parents[0].data.tags["best.trial"] == str(study.best_trial.number)
-    assert parents[0].data.metrics["best_val_bac"] == pytest.approx(study.best_value)
+    assert parents[0].data.metrics["study/best_val_bac"] == pytest.approx(study.best_value)
 
     # Asking again changes nothing: no new trials, no second test evaluation.
     studies.run_study(spec, progress=False)

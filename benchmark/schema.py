@@ -1,0 +1,68 @@
+"""Metric and tag names of every run: the one schema the pipeline, studies, report and tests share.
+
+Metric names are grouped with "/" so that MLflow's chart view shows them in sections:
+
+| name | what |
+| --- | --- |
+| ``test/bac``, ``test/gm``, ``test/gm_macro``, ``test/f1_macro``, ``test/accuracy`` | the final model on the balanced test set |
+| ``val/bac`` | the validation score the final model was selected on |
+| ``phase1/train_loss``, ``phase1/val_bac``, ``phase1/lr`` (per epoch), ``phase1/best_epoch``, ``phase1/best_val_bac`` | phase 1 |
+| ``phase3/train_loss``, ``phase3/val_bac`` (per epoch), ``phase3/best_epoch``, ``phase3/best_val_bac`` | phase 3 |
+| ``time/<stage>_s`` | seconds per stage (``training_set``, ``phase1``, ``phase2``, ``resample``, ``phase3``; ``phase1_load`` and ``wall`` besides) |
+| ``gap/overall`` | the EOS paper's generalization gap of the embeddings the head was trained on |
+| ``class/recall_<c>``, ``class/gap_<c>`` | per class c (also as the table ``per_class.json``) |
+
+Runs logged before this schema used ``test_bac``, ``time_phase1_s``, ... ; their phase-1 code
+version is older, so no cached stage mixes the two, and the report reads only these names.
+"""
+from __future__ import annotations
+
+TEST_SCORES = ("bac", "gm", "gm_macro", "f1_macro", "accuracy")
+VAL_BAC = "val/bac"
+GAP = "gap/overall"
+TIME_PREFIX, TIME_SUFFIX = "time/", "_s"
+WALL_TIME = "time/wall_s"
+LOAD_TIME = "time/phase1_load_s"
+
+# Tags every cell run carries.
+TAG_CELL = "cell"  # readable identity, e.g. digits/resnet32/ce/eos: group by it to average seeds
+TAG_SEED = "seed"
+
+
+def test(score: str) -> str:
+    """``test/<score>`` for one of ``TEST_SCORES``."""
+    return f"test/{score}"
+
+
+def phase(number: int, name: str) -> str:
+    """``phase1/val_bac`` and the like."""
+    return f"phase{number}/{name}"
+
+
+def time(stage: str) -> str:
+    """Seconds of one stage: ``time/phase1_s``."""
+    return f"{TIME_PREFIX}{stage}{TIME_SUFFIX}"
+
+
+def stage_of(metric: str) -> str | None:
+    """The stage a ``time/<stage>_s`` metric times, else ``None``."""
+    if metric.startswith(TIME_PREFIX) and metric.endswith(TIME_SUFFIX):
+        return metric[len(TIME_PREFIX):-len(TIME_SUFFIX)]
+    return None
+
+
+def recall(c: int) -> str:
+    return f"class/recall_{c}"
+
+
+def class_gap(c: int) -> str:
+    return f"class/gap_{c}"
+
+
+def cell_label(dataset: str, profile: str, ratio: float, backbone: str, loss: str, method: str,
+               settings: dict | None = None) -> str:
+    """The ``cell`` tag, everything but the seed: ``digits/exp10/resnet32/ce/eos``, with the
+    component parameters a user set after it (``... eos k_neighbors=50``)."""
+    label = f"{dataset}/{profile}{ratio:g}/{backbone}/{loss}/{method}"
+    extras = " ".join(f"{k}={v}" for k, v in sorted((settings or {}).items()))
+    return f"{label} {extras}" if extras else label
