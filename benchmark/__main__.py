@@ -119,6 +119,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="eos-benchmark", help="MLflow experiment name")
     p.add_argument("--no-cache", action="store_true",
                    help="train phase 1 even when a finished run already holds it")
+    p.add_argument("--no-model", action="store_true",
+                   help="do not log the final model as an MLflow model (saves a few seconds "
+                        "and the model's size per run)")
+    p.add_argument("--register", type=_optional_text, default=None, metavar="NAME",
+                   help="register the final model in MLflow's model registry under NAME")
+    p.add_argument("--no-system-metrics", action="store_true",
+                   help="no CPU / memory / GPU sampling into the run (on by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -137,7 +144,8 @@ def configs_from_args(args: argparse.Namespace):
             method_params=method_params, loss_params=dict(args.loss_param),
             backbone_params=dict(args.backbone_param),
             data_root=args.data_root, download=args.download, device=args.device,
-            compile=args.compile, experiment=args.experiment)
+            compile=args.compile, experiment=args.experiment, log_model=not args.no_model,
+            register=args.register, system_metrics=not args.no_system_metrics)
 
 
 def summary_line(result: dict) -> str:

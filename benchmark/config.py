@@ -60,6 +60,10 @@ class RunConfig:
     device: str = "auto"
     compile: bool = False  # torch.compile the phase-1 model (speed only, same configuration)
     experiment: str = "eos-benchmark"
+    # What is logged, not what is computed: never part of a cell's identity.
+    log_model: bool = True  # the final model as an MLflow PyTorch model (pyfunc on uint8 images)
+    register: str | None = None  # also register that model under this name
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU sampling (needs psutil)
 
     def resolved(self) -> "RunConfig":
         """A copy with every default filled in and every value checked (``UserError``)."""

@@ -1,6 +1,7 @@
 """The stages of one benchmark cell: data, training set, phase 1 (cached), phase 2, phase 3, test."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -26,7 +27,7 @@ from benchmark.data.profiles import (balanced_validation, check_counts, choose_v
                                      stratified_split)
 from benchmark.errors import UserError
 from benchmark.metrics import balanced_accuracy, confusion, generalization_gap, scores_from_confusion
-from benchmark.models import Classifier
+from benchmark.models import Classifier, ImageClassifier
 from benchmark.registry import BACKBONES, DATASETS, LOSSES
 from benchmark.train import Augment, TensorBatches, fit, predict
 
@@ -437,13 +438,11 @@ def evaluate(head, phase1: Phase1, train_x: np.ndarray, train_y: np.ndarray, cla
 def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class: np.ndarray,
                 train_x: np.ndarray, train_y: np.ndarray, metrics: dict,
                 synthetic_images: list[int]) -> None:
-    """Artifacts of the finished cell: reassembled checkpoint, resampled embeddings,
-    per-class table and confusion-matrix plot."""
+    """Artifacts of the finished cell: the final model (an MLflow model: uint8 images in,
+    logits out), resampled embeddings, the per-class table and figures."""
     import pandas as pd
 
-    state = {k: v for k, v in phase1.state_dict.items() if not k.startswith("head.")}
-    state.update({f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
-    classes = cell.data.train.classes
+    cfg, classes = cell.cfg, cell.data.train.classes
     real = np.asarray(cell.data.class_counts)
     final = np.bincount(train_y, minlength=len(classes))
     table = pd.DataFrame({
@@ -452,12 +451,51 @@ def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class:
         "test_recall": [metrics[schema.recall(c)] for c in range(len(classes))],
         "test_support": cm.sum(axis=1), "gap": gap_per_class})
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp, "model.pt"))
         table.to_csv(Path(tmp, "per_class.csv"), index=False)
         if len(train_x) > len(phase1.embeddings["train_x"]):
             np.savez_compressed(Path(tmp, "resampled_train.npz"), x=train_x, y=train_y)
         plot_confusion(cm, classes, Path(tmp, "confusion_matrix.png"))
+        plot_recall(table, cell_tag(cfg), Path(tmp, "recall_by_class.png"))
         cell.run.log_artifacts(tmp, "results")
+    cell.run.log_table(table.assign(gap=table["gap"].where(np.isfinite(table["gap"]))),
+                       "results/per_class.json")
+    if cfg.log_model or cfg.register:
+        cell.run.log_model(final_model(cell, phase1, head), cell.data.test.images[:2].numpy(),
+                           register=cfg.register)
+
+
+def final_model(cell: Cell, phase1: Phase1, head) -> ImageClassifier:
+    """The evaluated model as one module: phase 1's extractor (without training-only parts a
+    method inserted), the final head and the normalisation."""
+    cfg = cell.cfg
+    extractor = BACKBONES.create(cfg.backbone, in_channels=cell.data.train.images.shape[1],
+                                 image_size=cfg.image_size, **cfg.backbone_params)
+    extractor.load_state_dict({k[len("extractor."):]: v for k, v in phase1.state_dict.items()
+                               if k.startswith("extractor.")})
+    return ImageClassifier(extractor, copy.deepcopy(head).cpu(), cell.data.mean, cell.data.std)
+
+
+def plot_recall(table, title: str, path: Path) -> None:
+    """Test recall per class as bars, classes labelled with their training images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{c}\n({n})" for c, n in zip(table["class"], table["train_real"])]
+    width = min(16.0, max(5.0, 0.45 * len(labels)))
+    fig, ax = plt.subplots(figsize=(width, 3.8))
+    ax.bar(range(len(labels)), table["test_recall"], color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels if len(labels) <= 30 else [""] * len(labels),
+                  fontsize=7)
+    low = float(table["test_recall"].min())
+    ax.set_ylim(max(0.0, low - 0.1) if low > 0.2 else 0.0, 1.0)
+    ax.set_ylabel("test recall")
+    ax.set_xlabel("class (training images)")
+    ax.set_title(f"Test recall per class: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -481,7 +519,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
                             color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("test confusion matrix (row-normalised colour, counts)")
+    ax.set_title("Test confusion matrix\n(colour: row-normalised; numbers: counts)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -528,7 +567,10 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     run_name = run_name or f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
     with tracking.TrackedRun(cfg.experiment, run_name, {
             tracking.TAG_PHASE1_KEY: key, "method": cfg.method, "loss": cfg.loss,
-            "dataset": cfg.dataset, "backbone": cfg.backbone, **(tags or {})}) as run:
+            "dataset": cfg.dataset, "backbone": cfg.backbone, schema.TAG_CELL: cell_tag(cfg),
+            schema.TAG_SEED: str(cfg.seed), **(tags or {})},
+            system_metrics=cfg.system_metrics,
+            experiment_description=CELLS_DESCRIPTION) as run:
         cell.run = run
         log_cell_params(cell, key)
         start = time.perf_counter()
@@ -563,12 +605,47 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
             log_outputs(cell, phase1, head, cm, gap_per_class, train_x, train_y, test_metrics,
                         synthetic)
             results.update(metrics=test_metrics, confusion=cm)
+        run.describe(run_description(cell, metrics, phase1, evaluate_test))
         method.on_cell_end(cell, results)
         metrics[schema.WALL_TIME] = time.perf_counter() - started
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
             "phase1_reused": source_run is not None, "resumed_from": resume_run,
             "metrics": metrics, "experiment": run.experiment, "config": cfg}
+
+
+CELLS_DESCRIPTION = (
+    "Benchmark cells of eos-benchmark: one run per dataset, backbone, loss, method and seed. "
+    "Group by the `cell` tag to average seeds; `test/*` are the final model's scores on the "
+    "balanced test set, `phase1/*` and `phase3/*` the training curves, `time/*` seconds per stage.")
+
+
+def cell_tag(cfg: RunConfig) -> str:
+    settings = {**cfg.method_params, **{f"loss.{k}": v for k, v in cfg.loss_params.items()},
+                **{f"backbone.{k}": v for k, v in cfg.backbone_params.items()}}
+    return schema.cell_label(cfg.dataset, cfg.profile, cfg.ratio, cfg.backbone, cfg.loss,
+                             cfg.method, settings)
+
+
+def run_description(cell: Cell, metrics: dict, phase1: Phase1, tested: bool) -> str:
+    """The run's note: its headline numbers and where its phase 1 came from."""
+    cfg = cell.cfg
+    lines = [f"**{cell_tag(cfg)}**, seed {cfg.seed}", ""]
+    if tested:
+        lines.append(" | ".join(f"{name} **{metrics[schema.test(score)]:.4f}**" for name, score in
+                                (("BAC", "bac"), ("GM", "gm"), ("GM macro", "gm_macro"),
+                                 ("F1", "f1_macro"))) + " (test)")
+    else:
+        lines.append(f"validation BAC **{metrics[schema.VAL_BAC]:.4f}** (not evaluated on test)")
+    if phase1.run_id == cell.run.run_id:
+        lines.append("\nPhase 1 trained in this run.")
+    else:
+        lines.append(f"\nPhase 1 reused from [run {phase1.run_id}]"
+                     f"({tracking.run_link(phase1.run_id)}).")
+    if cell.method.notes or cell.data.validation_note:
+        lines.append("\nNotes: " + "; ".join(cell.method.notes + (
+            [f"validation: {cell.data.validation_note}"] if cell.data.validation_note else [])))
+    return "\n".join(lines)
 
 
 def training_set_stage_fresh(cell: Cell, key: str | None) -> TrainingSet:

@@ -102,6 +102,7 @@ PLUGIN_MODULES = (
     "benchmark.data.torchvision_sets",
     "benchmark.data.celeba",
     "benchmark.data.folder",
+    "benchmark.data.fake",
     "benchmark.models.resnet_cifar",
     "benchmark.models.wideresnet",
     "benchmark.models.densenet",

@@ -24,7 +24,8 @@ from benchmark.locks import DatabaseLock, FileLock
 from benchmark.registry import METHODS
 
 # Fields of RunConfig that change where a run is logged or how it is computed, not what it is.
-NOT_IDENTITY = ("experiment", "device", "data_root", "download", "compile")
+NOT_IDENTITY = ("experiment", "device", "data_root", "download", "compile", "log_model",
+                "register", "system_metrics")
 TAG_CELL = "cell_key"
 TAG_GRID = "grid"
 # What a spec may hold where one value or a list of them is expected (YAML's plain values).

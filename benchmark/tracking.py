@@ -86,8 +86,12 @@ class TrackedRun:
     """
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, system_metrics: bool = False,
+                 experiment_description: str | None = None):
         self.experiment, self.run_name, self.resume_run_id = experiment, run_name, resume_run_id
+        # MLflow samples CPU, memory (and GPU with pynvml) every 10 s when psutil is there.
+        self.system_metrics = system_metrics and _has_module("psutil")
+        self.experiment_description = experiment_description
         self.tags = {"code_version": code_version(), "command": " ".join(sys.argv),
                      **process_tags(), **(tags or {})}
         self.run_id: str | None = None
@@ -105,12 +109,13 @@ class TrackedRun:
             mlflow.start_run(run_id=launcher_run)
         parent = mlflow.active_run()
         tags = {**self.tags, TAG_HEARTBEAT: _utc_text(time.time())}
+        sampling = {"log_system_metrics": self.system_metrics}
         if self.resume_run_id is not None:
             run = mlflow.start_run(run_id=self.resume_run_id, tags=tags,
-                                   nested=parent is not None)
+                                   nested=parent is not None, **sampling)
         elif parent is not None:
             run = mlflow.start_run(experiment_id=parent.info.experiment_id,
-                                   run_name=self.run_name, tags=tags, nested=True)
+                                   run_name=self.run_name, tags=tags, nested=True, **sampling)
         else:
             experiment = mlflow.set_experiment(self.experiment)
             # An experiment keeps the artifact folder it was created with, which may lie
@@ -119,8 +124,10 @@ class TrackedRun:
                 experiment.artifact_location, f"experiment '{experiment.name}'",
                 "make that folder writable or log to another experiment")
             run = mlflow.start_run(experiment_id=experiment.experiment_id,
-                                   run_name=self.run_name, tags=tags)
+                                   run_name=self.run_name, tags=tags, **sampling)
         self.run_id = run.info.run_id
+        if self.experiment_description:
+            describe_experiment(run.info.experiment_id, self.experiment_description)
         self._heartbeat = _Heartbeat(self.run_id, mlflow.get_tracking_uri())
         self.experiment = mlflow.get_experiment(run.info.experiment_id).name
         self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) \
@@ -198,6 +205,57 @@ class TrackedRun:
                                              name=name, source=CodeDatasetSource(source))
             mlflow.log_input(dataset, context="training")
         return dataset.digest
+
+
+    def describe(self, text: str) -> None:
+        """The run's description (MLflow's note, shown on top of its page; markdown)."""
+        _mlflow().set_tag(NOTE, text)
+
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A table the UI shows in its table view (and compares across runs)."""
+        _mlflow().log_table(data=frame, artifact_file=artifact_file)
+
+    def log_model(self, model, example: np.ndarray, register: str | None = None) -> str:
+        """``model`` as an MLflow PyTorch model under ``model``, with a signature and an input
+        example, loadable with ``mlflow.pyfunc.load_model``; ``register`` also puts it in the
+        model registry under that name.  Returns its URI."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        # Naming the requirements skips MLflow's import scan (seconds per run).
+        requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                        f"eos-benchmark=={__version__}"]
+        info = _mlflow().pytorch.log_model(
+            model, name="model", signature=infer_signature(example, output),
+            input_example=example, pip_requirements=requirements,
+            registered_model_name=register)
+        return info.model_uri
+
+
+NOTE = "mlflow.note.content"  # MLflow's description of a run or an experiment
+
+
+def describe_experiment(experiment_id: str, text: str) -> None:
+    """Set an experiment's description unless it has one (a user's own stays)."""
+    client = _mlflow().MlflowClient()
+    if NOTE not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, NOTE, text)
+
+
+def run_link(run_id: str) -> str:
+    """The UI's address of a run, relative to the UI's root (works as a markdown link in a
+    description)."""
+    run = _mlflow().get_run(run_id)
+    return f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _in_main_thread() -> bool:

@@ -48,8 +48,9 @@ def tiny_config():
     from benchmark.config import RunConfig
 
     def make(**overrides) -> RunConfig:
+        # The MLflow model (seconds per run) and system metrics are tested on their own.
         values = dict(dataset="digits", method="eos", epochs=2, head_epochs=2,
-                      experiment="tests")
+                      experiment="tests", log_model=False, system_metrics=False)
         values.update(overrides)
         return RunConfig(**values)
 

@@ -1,11 +1,17 @@
-"""EOS: geometry of every synthetic point, balance, determinism, fallback and the reference rule."""
+"""EOS: geometry of every synthetic point, balance, determinism, fallback, the reference rule,
+and its exact chunked neighbour search against scikit-learn's."""
+import hashlib
+
 import numpy as np
 import pytest
 from imblearn.pipeline import make_pipeline
 from imblearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestNeighbors
 
+from benchmark import expansion
 from benchmark.eos import EOS
+from benchmark.expansion import k_nearest, write_segments
 
 
 def brute_force_neighbours(X, k):
@@ -142,3 +148,111 @@ def test_rejects_bad_parameters():
 @parametrize_with_checks([EOS(random_state=0)])
 def test_imbalanced_learn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# The exact neighbour search -------------------------------------------------------------------
+def sklearn_without_self(X, k, rows=None):
+    """scikit-learn's k+1 nearest of each query point with the point itself taken out."""
+    rows = np.arange(len(X)) if rows is None else rows
+    full = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X[rows], return_distance=False)
+    return np.array([[j for j in line if j != i][:k] for i, line in zip(rows, full)])
+
+
+@pytest.mark.parametrize("n, k", [(90, 4), (1500, 5)])  # one top-k; two-level selection
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_k_nearest_equals_scikit_learn(n, k, dtype):
+    X = np.random.default_rng(n).normal(3.0, 1.0, (n, 7)).astype(dtype)
+    assert (n >= 4 * expansion.GROUP * k) == (n == 1500)
+    assert np.array_equal(k_nearest(X, k), sklearn_without_self(X, k))
+    rows = np.array([5, 0, n - 1, 17])
+    assert np.array_equal(k_nearest(X, k, rows=rows), sklearn_without_self(X, k, rows))
+    assert np.array_equal(k_nearest(X, k, device="cpu"), k_nearest(X, k))
+
+
+def test_k_nearest_is_the_same_in_small_chunks(monkeypatch):
+    X = np.random.default_rng(0).normal(0, 1, (1300, 5))
+    whole = k_nearest(X, 6)
+    # About 7 query rows per chunk: many chunks, the last one partial.
+    monkeypatch.setattr(expansion, "CPU_CHUNK_BYTES", 7 * 1312 * 8)
+    assert np.array_equal(k_nearest(X, 6), whole)
+
+
+def test_k_nearest_with_labels_finds_the_nearest_enemies():
+    rng = np.random.default_rng(1)
+    X = rng.normal(0, 1, (700, 3))
+    y = rng.integers(0, 3, 700).astype(str)  # labels of any type
+    rows = np.flatnonzero(y == "1")[:20]
+    found = k_nearest(X, 4, rows=rows, labels=y)
+    for row, neighbours in zip(rows, found):
+        enemies = np.flatnonzero(y != y[row])
+        distance = ((X[enemies] - X[row]) ** 2).sum(1)
+        assert np.array_equal(neighbours, enemies[np.argsort(distance)[:4]])
+
+
+def test_k_nearest_skips_the_point_itself_but_not_its_duplicates():
+    X = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0], [0.1, 0.0], [9.0, 9.0]])
+    found = k_nearest(X, 3)
+    assert all(i not in found[i] for i in range(len(X)))
+    for i in range(3):  # the two other copies first (in either order), then the nearest other
+        assert set(found[i, :2]) == {0, 1, 2} - {i} and found[i, 2] == 4
+    assert set(found[4]) == {0, 1, 2}
+
+
+def test_write_segments_gives_the_bits_of_the_plain_expression():
+    rng = np.random.default_rng(2)
+    X = rng.normal(0, 1, (50, 6)).astype(np.float32)
+    base, partner = rng.integers(0, 50, 37), rng.integers(0, 50, 37)
+    step = rng.uniform(0, 1, 37).astype(np.float32)
+    out = np.empty((37, 6), np.float32)
+    write_segments(X, base, partner, step, out, rows_per_chunk=5)
+    assert np.array_equal(out, X[base] + step[:, None] * (X[partner] - X[base]))
+
+
+def isolated_large():
+    rng = np.random.default_rng(2)
+    X = np.vstack([rng.normal(0, 1, (600, 3)), rng.normal(1, 1, (300, 3)),
+                   rng.normal(30, 0.5, (40, 3))])
+    return X, np.repeat([0, 1, 2], [600, 300, 40])
+
+
+def wide():
+    rng = np.random.default_rng(0)
+    counts = [900, 300, 80, 12]
+    X = np.vstack([rng.normal(0.8 * c, 1, (m, 6)) for c, m in enumerate(counts)])
+    return X.astype(np.float32), np.repeat(np.arange(4), counts)
+
+
+def isolated():
+    rng = np.random.default_rng(1)
+    X = np.vstack([rng.normal(0, 1, (30, 2)), rng.normal(40, 0.1, (5, 2))])
+    return X, np.repeat([0, 1], [30, 5])
+
+
+# Digests of the outputs of the implementation built on scikit-learn's NearestNeighbors
+# (before the chunked search): the same neighbour lists give the same bits.
+@pytest.mark.parametrize("data, params, digest", [
+    (blobs, {"k_neighbors": 5}, "e058006559d8c50d"),
+    (blobs, {"neighbour_rule": "reference-off-by-one"}, "97850cfb94421476"),
+    (wide, {}, "4c7263ec10ceb1a8"),
+    (isolated, {"k_neighbors": 3}, "b6368cc86998b883"),
+    (isolated_large, {"k_neighbors": 3}, "f29b4b1ef3a6fcb0"),
+])
+def test_same_output_as_the_search_through_scikit_learn(data, params, digest):
+    X_res, y_res = EOS(random_state=0, **params).fit_resample(*data())
+    assert hashlib.sha256(X_res.tobytes() + y_res.tobytes()).hexdigest()[:16] == digest
+
+
+def test_n_jobs_sets_the_search_threads_only_for_the_call(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    original = expansion.k_nearest
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(expansion, "k_nearest", spy)
+    EOS(random_state=0, n_jobs=1).fit_resample(*blobs())
+    assert seen == [1] and torch.get_num_threads() == before

@@ -20,6 +20,22 @@ class Classifier(nn.Module):
         return self.head(self.extractor(images))
 
 
+class ImageClassifier(nn.Module):
+    """The final model as served: uint8 images ``[N, C, H, W]`` in, class logits out; the
+    per-channel normalisation of training is part of it."""
+
+    def __init__(self, extractor: nn.Module, head: nn.Module, mean: torch.Tensor,
+                 std: torch.Tensor):
+        super().__init__()
+        self.extractor, self.head = extractor, head
+        self.register_buffer("mean", mean.float().reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.float().reshape(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255 - self.mean) / self.std
+        return self.head(self.extractor(x))
+
+
 def linear_head(embedding_dim: int, num_classes: int) -> nn.Module:
     """The plain linear classifier every loss uses unless it asks for another head."""
     head = nn.Linear(embedding_dim, num_classes)
