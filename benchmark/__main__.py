@@ -119,6 +119,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="eos-benchmark", help="MLflow experiment name")
     p.add_argument("--no-cache", action="store_true",
                    help="train phase 1 even when a finished run already holds it")
+    p.add_argument("--diagnostics", nargs="+", default=None, metavar="NAME",
+                   help="analyses logged into each run (`list` names them; 'none' for none); "
+                        "default: the cheap ones")
     p.add_argument("--no-model", action="store_true",
                    help="do not log the final model as an MLflow model (saves a few seconds "
                         "and the model's size per run)")
@@ -145,7 +148,9 @@ def configs_from_args(args: argparse.Namespace):
             backbone_params=dict(args.backbone_param),
             data_root=args.data_root, download=args.download, device=args.device,
             compile=args.compile, experiment=args.experiment, log_model=not args.no_model,
-            register=args.register, system_metrics=not args.no_system_metrics)
+            register=args.register, system_metrics=not args.no_system_metrics,
+            diagnostics=None if args.diagnostics is None else
+            [name for name in args.diagnostics if name != "none"])
 
 
 def summary_line(result: dict) -> str:
@@ -180,13 +185,14 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from benchmark.registry import BACKBONES, DATASETS, LOSSES, METHODS
+    from benchmark.registry import BACKBONES, DATASETS, DIAGNOSTICS, LOSSES, METHODS
 
     for title, registry in (("datasets", DATASETS), ("backbones", BACKBONES),
-                            ("losses", LOSSES), ("methods", METHODS)):
+                            ("losses", LOSSES), ("methods", METHODS),
+                            ("diagnostics", DIAGNOSTICS)):
         print(f"{title}:")
         entries = registry.describe()
-        width = max(len(name) for name, _ in entries)
+        width = max((len(name) for name, _ in entries), default=0)
         for name, text in entries:
             print(f"  {name:<{width}}  {text}")
     return 0

@@ -66,12 +66,18 @@ class Cell:
     run: "TrackedRun | None" = None
     timings: dict[str, float] = field(default_factory=dict)
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    callbacks: list = field(default_factory=list)  # the method and the diagnostics
 
     def generator(self, name: str) -> torch.Generator:
         if name not in self.generators:
             seed = self.cfg.seed if name == "batches" else stream_seed(self.cfg.seed, name)
             self.generators[name] = torch.Generator().manual_seed(seed)
         return self.generators[name]
+
+    def on_epoch_end(self, phase: str, epoch: int, record: dict) -> None:
+        """Every epoch of phases 1 and 3, to the method and each diagnostic."""
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, phase, epoch, record)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run is not None:

@@ -14,7 +14,7 @@ from benchmark import __version__
 from benchmark.data.profiles import PROFILES, VALIDATIONS
 from benchmark.errors import UserError, one_line
 from benchmark.methods import DEFAULT_METHOD, make_method
-from benchmark.registry import BACKBONES, DATASETS, LOSSES
+from benchmark.registry import BACKBONES, DATASETS, DIAGNOSTICS, LOSSES
 from benchmark.train import Schedule
 
 # Bump when a change alters what phase 1 produces for the same configuration, so that the
@@ -64,6 +64,7 @@ class RunConfig:
     log_model: bool = True  # the final model as an MLflow PyTorch model (pyfunc on uint8 images)
     register: str | None = None  # also register that model under this name
     system_metrics: bool = True  # MLflow's CPU / memory / GPU sampling (needs psutil)
+    diagnostics: list | None = None  # analyses logged into the run; None: the default ones
 
     def resolved(self) -> "RunConfig":
         """A copy with every default filled in and every value checked (``UserError``)."""
@@ -106,6 +107,9 @@ class RunConfig:
         check_component_params("backbone", cfg.backbone, BACKBONES, cfg.backbone_params,
                                SUITE_BACKBONE_ARGS)
         method.validate()
+        if cfg.diagnostics is not None:
+            for name in cfg.diagnostics:
+                DIAGNOSTICS.get(name)
         return cfg
 
     @property
@@ -211,6 +215,8 @@ def _type_ok(value, expected) -> bool:
             return math.isfinite(value)
         if option in (str, dict) and isinstance(value, option):
             return True
+        if option is list and isinstance(value, list):
+            return all(isinstance(item, str) for item in value)
     return False
 
 

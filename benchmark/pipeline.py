@@ -22,6 +22,7 @@ from benchmark import schema, tracking
 from benchmark.cell import Cell, CellData
 from benchmark.config import SUITE_BACKBONE_ARGS, RunConfig
 from benchmark.data import ImageSet
+from benchmark.diagnostics import chosen as chosen_diagnostics, run_diagnostics
 from benchmark.data.profiles import (balanced_validation, check_counts, choose_validation,
                                      draw_per_class, fingerprint, profile_counts,
                                      stratified_split)
@@ -244,7 +245,7 @@ def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
         run.log_metrics({schema.phase(1, "train_loss"): record["train_loss"],
                          schema.phase(1, "val_bac"): record["val_bac"],
                          schema.phase(1, "lr"): record["lr"]}, step=epoch)
-        cell.method.on_epoch_end(cell, "phase1", epoch, record)
+        cell.on_epoch_end("phase1", epoch, record)
 
     last_saved = time.monotonic()
 
@@ -403,7 +404,7 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
     def log_epoch(epoch: int, record: dict) -> None:
         run.log_metrics({schema.phase(3, "train_loss"): record["train_loss"],
                          schema.phase(3, "val_bac"): record["val_bac"]}, step=epoch)
-        cell.method.on_epoch_end(cell, "phase3", epoch, record)
+        cell.on_epoch_end("phase3", epoch, record)
         if on_epoch is not None:
             on_epoch(epoch, record["val_bac"])
 
@@ -549,7 +550,9 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     device = pick_device(cfg.device)
     loss = LOSSES.create(cfg.loss, class_counts=data.class_counts, schedule=cfg.schedule,
                          **cfg.loss_params)
-    cell = Cell(cfg=cfg, method=method, data=data, device=device, loss=loss, progress=progress)
+    diagnostics = chosen_diagnostics(cfg.diagnostics)
+    cell = Cell(cfg=cfg, method=method, data=data, device=device, loss=loss, progress=progress,
+                callbacks=[method, *diagnostics])
     resampler = method.embedding_resampler(random_state=cfg.seed)
     key, training_key = cfg.phase1_key(), cfg.training_set_key()
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
@@ -607,6 +610,8 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
             results.update(metrics=test_metrics, confusion=cm)
         run.describe(run_description(cell, metrics, phase1, evaluate_test))
         method.on_cell_end(cell, results)
+        if evaluate_test:
+            run_diagnostics(cell, results, diagnostics)
         metrics[schema.WALL_TIME] = time.perf_counter() - started
         run.log_metrics(metrics)
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,

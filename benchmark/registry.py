@@ -94,6 +94,7 @@ DATASETS = Registry("dataset")
 BACKBONES = Registry("backbone")
 LOSSES = Registry("loss")
 METHODS = Registry("method")
+DIAGNOSTICS = Registry("diagnostic")
 
 # Modules whose import registers entries.  Kept light: heavy libraries (torchvision, timm,
 # matplotlib) are imported inside the factories that use them, never at registration time.
@@ -109,6 +110,7 @@ PLUGIN_MODULES = (
     "benchmark.models.timm_backbone",
     "benchmark.losses",
     "benchmark.methods",
+    "benchmark.diagnostics",
     "baselines",
 )
 # Other installed packages add entries through this entry-point group: each entry point names

@@ -1,4 +1,4 @@
-"""Reports: MLflow runs as paper, score and runtime tables (LaTeX, markdown, CSV) and PNG plots."""
+"""Reports: MLflow runs as paper, score and runtime tables (LaTeX, PDF, markdown, CSV) and plots."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,10 @@ import dataclasses
 import json
 import math
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,9 +20,15 @@ from tabulate import tabulate
 from benchmark import schema, tracking
 from benchmark.errors import UserError
 
-DEFAULT_EXPERIMENT = "eos-benchmark"
 DEFAULT_OUT = "reports"
-# What each --format writes; figures (PNG) are written whatever the format.
+# Report runs live apart from the cells they summarise, so that no cell view lists them.
+REPORT_EXPERIMENT = "reports"
+REPORTS_DESCRIPTION = (
+    "Reports made by `python -m benchmark.report`: one run per report, holding its tables "
+    "(LaTeX, a PDF of them all, markdown, CSV), its figures and `runs.json`, the ids of the "
+    "benchmark runs it summarised. The cells themselves are in the other experiments.")
+# What each --format writes; figures (PNG and PDF) are written whatever the format, the PDF of
+# all tables with LaTeX where pdflatex exists.
 FORMATS = {"all": ("latex", "markdown", "csv"), "latex": ("latex",),
            "markdown": ("markdown",), "csv": ("csv",)}
 DEFAULT_FORMAT = "all"
@@ -79,31 +88,36 @@ METHOD_FIELDS = ("method", "method_label", "method_variant")
 VARIANT_GROUPS = ("backbone", "loss", "method")
 K_PARAM = "k_neighbors"
 PARAM_ALIASES = {K_PARAM: "K"}
-# Runs that carry the phase-1 key but are no benchmark cell: tuning trials never see the test
-# set (studies.TAG_ROLE; spelled out so that --help does not import PyTorch).
+# Runs that are no benchmark cell even where they carry the phase-1 key or test scores: tuning
+# trials (they never see the test set), a study's parent run, a report, a grid's parent run
+# (studies.TAG_ROLE and the grid's role tag; spelled out so that --help does not import
+# PyTorch).
 TAG_ROLE = "study_role"
-NOT_CELLS = ("trial",)
+NOT_CELL_ROLES = ("trial", "study", "report")
 REPORT_ROLE = "report"
+TAG_GRID_ROLE = "grid_role"
+GRID_PARENT = "parent"
 
 
 # Gathering ------------------------------------------------------------------------------------
-def gather_runs(experiments: list[str], cell_keys: set[str] | None = None,
+def gather_runs(experiments: list[str] | None, cell_keys: set[str] | None = None,
                 grid_name: str | None = None) -> pd.DataFrame:
-    """The finished benchmark cells of ``experiments`` as a tidy frame (see ``tidy_runs``),
-    only those whose ``cell_key`` tag is in ``cell_keys`` when given; ``UserError`` for an
-    experiment the store lacks or when no run is left."""
+    """The finished benchmark cells (``is_cell``) of ``experiments``, or of every experiment
+    of the store when None, as a tidy frame (see ``tidy_runs``), only those whose
+    ``cell_key`` tag is in ``cell_keys`` when given; ``UserError`` for an experiment the store
+    lacks or when no run is left."""
     known = tracking.experiment_names()
-    unknown = sorted(set(experiments) - set(known))
+    unknown = sorted(set(experiments or ()) - set(known))
     if unknown:
         raise UserError(f"unknown experiment {', '.join(map(repr, unknown))} in "
                         f"{tracking.tracking_uri()}; experiments there: "
                         f"{', '.join(known) or 'none'}")
-    raw = tracking.finished_runs(experiments)
-    # Only benchmark cells carry the phase-1 key; a study's, a report's or `mlflow run`'s
-    # parent run, finished in the same experiment, holds no test scores.
-    cells = raw[tag(raw, tracking.TAG_PHASE1_KEY).notna()
-                & ~tag(raw, TAG_ROLE).isin(NOT_CELLS)]
-    where = f"experiment {', '.join(map(repr, experiments))} ({tracking.tracking_uri()})"
+    raw = tracking.finished_runs(known if experiments is None else experiments)
+    cells = raw[is_cell(raw)]
+    where = (f"experiment {', '.join(map(repr, experiments))} ({tracking.tracking_uri()})"
+             if experiments is not None else
+             f"any experiment of {tracking.tracking_uri()} ({', '.join(known) or 'none'}); "
+             f"run some with: python -m benchmark run, or grid SPEC")
     if cells.empty:
         raise UserError(f"no finished runs in {where}")
     if cell_keys is not None:
@@ -116,13 +130,22 @@ def gather_runs(experiments: list[str], cell_keys: set[str] | None = None,
     return tidy_runs(cells)
 
 
+def is_cell(raw: pd.DataFrame) -> pd.Series:
+    """Which runs of MLflow's search frame are benchmark cells: they carry the phase-1 key and
+    test scores, and no role of a trial, a study or grid parent or a report."""
+    tested = raw[[c for c in raw.columns if c.startswith("metrics.test/")]].notna().any(axis=1)
+    return (tag(raw, tracking.TAG_PHASE1_KEY).notna() & tested
+            & ~tag(raw, TAG_ROLE).isin(NOT_CELL_ROLES) & tag(raw, TAG_GRID_ROLE).ne(GRID_PARENT))
+
+
 def tag(raw: pd.DataFrame, name: str) -> pd.Series:
     column = f"tags.{name}"
     return raw[column] if column in raw else pd.Series(None, index=raw.index, dtype=object)
 
 
 def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: ``run_id``, ``experiment``, ``start_time``, the setting (``TABLE_KEYS``
+    """One row per run: ``run_id``, ``experiment``, ``start_time``, ``cell`` (the readable
+    ``cell`` tag, where logged), the setting (``TABLE_KEYS``
     and ``TRAINING_SETTINGS``, as logged), ``backbone``, ``loss``, ``method``, ``seed``, the
     labels ``backbone_label`` / ``loss_label`` / ``method_label`` (the name plus every
     ``backbone.*`` / ``loss.*`` / ``method.*`` parameter the run logged, e.g. ``eos (K=3)``:
@@ -136,7 +159,7 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
         return raw[column] if column in raw else pd.Series(None, index=raw.index, dtype=object)
 
     tidy = pd.DataFrame({"run_id": raw["run_id"], "experiment": raw["experiment"],
-                         "start_time": raw["start_time"]})
+                         "start_time": raw["start_time"], "cell": tag(raw, schema.TAG_CELL)})
     for name in ("dataset", "profile", "ratio") + TRAINING_SETTINGS + VARIANT_GROUPS:
         tidy[name] = param(name).fillna("").astype(str)
     tidy["ratio"] = pd.to_numeric(tidy["ratio"], errors="coerce")

@@ -25,7 +25,7 @@ from benchmark.registry import METHODS
 
 # Fields of RunConfig that change where a run is logged or how it is computed, not what it is.
 NOT_IDENTITY = ("experiment", "device", "data_root", "download", "compile", "log_model",
-                "register", "system_metrics")
+                "register", "system_metrics", "diagnostics")
 TAG_CELL = "cell_key"
 TAG_GRID = "grid"
 # What a spec may hold where one value or a list of them is expected (YAML's plain values).
@@ -125,6 +125,7 @@ class Grid:
     name: str
     experiment: str
     cells: list[RunConfig] = field(default_factory=list)
+    description: str = ""  # the spec's, for the experiment's description
 
     @classmethod
     def from_spec(cls, path: str | Path, overrides: dict | None = None) -> "Grid":
@@ -139,7 +140,8 @@ class Grid:
             cells.extend(cls._cells(merged, experiment, overrides or {}, str(path)))
         # Resolving checks every cell, so a mistake in the spec shows before anything runs.
         unique = {cell_key(cfg): cfg for cfg in (resolved_in(c, str(path)) for c in cells)}
-        return cls(name=name, experiment=experiment, cells=list(unique.values()))
+        return cls(name=name, experiment=experiment, cells=list(unique.values()),
+                   description=str(spec.get("description") or ""))
 
     @staticmethod
     def _cells(spec: dict, experiment: str, overrides: dict, where: str) -> Iterator[RunConfig]:
@@ -203,8 +205,14 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def finished_cell_keys(experiment: str) -> set[str]:
-    return {run.data.tags.get(TAG_CELL) for run in tracking.find_runs(experiment)} - {None}
+def finished_cells(experiment: str) -> dict[str, Any]:
+    """The newest finished run of every cell (by its ``cell_key`` tag) in ``experiment``."""
+    cells: dict[str, Any] = {}
+    for run in tracking.find_runs(experiment):  # newest first
+        key = run.data.tags.get(TAG_CELL)
+        if key:
+            cells.setdefault(key, run)
+    return cells
 
 
 def order_for_sharing(cells: list[RunConfig]) -> list[RunConfig]:
@@ -214,7 +222,10 @@ def order_for_sharing(cells: list[RunConfig]) -> list[RunConfig]:
 
 
 def cell_label(cfg: RunConfig) -> str:
-    return f"{cfg.dataset}/{cfg.loss}/{cfg.method}/{cfg.backbone} seed {cfg.seed}"
+    """A resolved cell's readable identity without its seed, as its ``cell`` tag spells it."""
+    return schema.cell_label(cfg.dataset, cfg.profile, cfg.ratio, cfg.backbone, cfg.loss,
+                             cfg.method, {**cfg.backbone_params, **cfg.loss_params,
+                                          **cfg.method_params})
 
 
 def failure_reason(err: BaseException) -> str:
@@ -228,53 +239,220 @@ def failure_reason(err: BaseException) -> str:
     return reason
 
 
-def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True) -> dict:
-    """Run every cell of the grid that has no finished run yet; returns counts, and under
-    ``failures`` a ``(cell, reason)`` pair per failed cell.
+# A grid's parent run: named after the grid, it holds the spec, the progress and the summary,
+# and the cells are nested under it.
+TAG_GRID_ROLE = "grid_role"  # "parent" or "cell"
+TAG_GRID_SPEC = "grid_spec"  # the spec file's path as given to the command
+SPEC_ARTIFACT = "spec.yaml"  # the spec file, verbatim
+CELLS_ARTIFACT = "cells.csv"  # every resolved cell: label, seed, cell_key, settings
+SUMMARY_TABLE = "grid_summary.json"  # one row per cell (MLflow's table view)
+SUMMARY_CSV = "grid_summary.csv"  # the same rows as CSV
+CELLS_DONE, CELLS_FAILED, CELLS_TOTAL = "grid/cells_done", "grid/cells_failed", "grid/cells_total"
+HEADLINE = tuple(schema.test(score) for score in ("bac", "gm", "gm_macro", "f1_macro"))
+RUN_STATES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 
-    A mistake in the spec stops everything before any cell runs (``UserError``), and so does
-    one met by the first cell (missing data, say: likely every cell's).  After that a cell that
-    fails, for whatever reason, is recorded (its run, if it got one, ends FAILED with the
-    reason) and the grid goes on with the others.  An interrupt stops the grid."""
+
+class CellsFailed(Exception):
+    """Ends a grid's parent run FAILED when some of its cells failed (the grid itself went on
+    to the end: the command reports the cells, not this)."""
+
+
+@dataclass
+class CellOutcome:
+    """One row of a grid's summary: a cell, and what became of it."""
+
+    cfg: RunConfig
+    label: str
+    status: str = "NOT RUN"  # FINISHED, FAILED, or NOT RUN (the grid was stopped first)
+    when: str = ""  # "earlier" (a finished run found) or "now"
+    run_id: str = ""
+    metrics: dict = field(default_factory=dict)
+    reason: str = ""
+
+    def row(self) -> dict:
+        return {"cell": self.label, "seed": self.cfg.seed, "status": self.status,
+                "when": self.when, "run_id": self.run_id,
+                **{name: self.metrics.get(name) for name in HEADLINE},
+                "failure_reason": self.reason, "cell_key": cell_key(self.cfg)}
+
+
+def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True) -> dict:
+    """Run every cell of the grid that has no finished run yet, nested under the grid's parent
+    run; returns counts, the parent's id and experiment, and under ``failures`` a
+    ``(cell, reason)`` pair per failed cell.
+
+    The parent run is named after the grid and tagged ``grid_role=parent``, ``grid=<name>``;
+    a rerun finds it by those tags and resumes it (no second parent), and so counts and lists
+    the cells finished earlier too.  It carries the spec (``spec.yaml``), the resolved cells
+    (``cells.csv``), the progress (``grid/cells_done``, ``grid/cells_failed``,
+    ``grid/cells_total``, step = cells processed) and at the end a summary table
+    (``grid_summary.json`` and ``.csv``); it ends FINISHED when every cell has a finished run,
+    FAILED when some failed (their number in ``failure_reason``), KILLED on an interrupt.
+    Under ``mlflow run`` the project's run is already active: the grid's parent nests under
+    it, in its experiment, where the next ``mlflow run`` of the grid finds it again.
+
+    A mistake in the spec stops everything before any run exists (``UserError``), and so does
+    one met by the first cell (missing data, say: likely every cell's); a parent run made for
+    that grid is then deleted again.  After that a cell that fails, for whatever reason, is
+    recorded (its run, if it got one, ends FAILED with the reason) and the grid goes on with
+    the others.  An interrupt stops the grid."""
+    grid = Grid.from_spec(path, overrides)
+    experiment = tracking.logging_experiment(grid.experiment)
+    finished = finished_cells(experiment)
+    outcomes = {cell_key(cfg): CellOutcome(cfg, cell_label(cfg)) for cfg in grid.cells}
+    for key, run in finished.items():
+        if key in outcomes:
+            outcomes[key] = dataclasses.replace(
+                outcomes[key], label=run.data.tags.get(schema.TAG_CELL, outcomes[key].label),
+                status="FINISHED", when="earlier", run_id=run.info.run_id,
+                metrics=dict(run.data.metrics))
+    todo = order_for_sharing([cfg for cfg in grid.cells if cell_key(cfg) not in finished])
+    parents = tracking.find_runs(experiment, f"tags.{TAG_GRID_ROLE} = 'parent' and "
+                                             f"tags.{TAG_GRID} = '{grid.name}'", RUN_STATES)
+    counts = {"cells": len(grid.cells), "already_finished": len(grid.cells) - len(todo),
+              "ran": 0, "failed": 0, "phase1_trained": 0, "failures": [],
+              "experiment": experiment, "parent_run_id": None}
+    stopped_at_first_cell = False
+    try:
+        with tracking.TrackedRun(grid.experiment, grid.name,
+                                 {TAG_GRID_ROLE: "parent", TAG_GRID: grid.name,
+                                  TAG_GRID_SPEC: str(path)},
+                                 resume_run_id=parents[0].info.run_id if parents else None,
+                                 experiment_description=grid_description(grid, path)) as parent:
+            counts.update(parent_run_id=parent.run_id, experiment=parent.experiment)
+            parent.log_text(Path(path).read_text(), SPEC_ARTIFACT)
+            parent.log_text(_csv([{"cell": o.label, "seed": o.cfg.seed,
+                                   "cell_key": cell_key(o.cfg), **_settings(o.cfg)}
+                                  for o in outcomes.values()]), CELLS_ARTIFACT)
+            log_grid_progress(parent, counts)
+            try:
+                _run_cells(grid, todo, outcomes, counts, parent, progress)
+            except UserError:
+                stopped_at_first_cell = not counts["ran"] and not counts["failed"]
+                with contextlib.suppress(Exception):  # the mistake matters more
+                    log_grid_summary(parent, grid, path, outcomes, counts)
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):  # the interrupt matters more
+                    log_grid_summary(parent, grid, path, outcomes, counts)
+                raise
+            log_grid_summary(parent, grid, path, outcomes, counts)
+            if counts["failed"]:
+                raise CellsFailed(f"{counts['failed']} of {counts['cells']} cells failed (see "
+                                  f"{SUMMARY_TABLE})")
+    except CellsFailed:
+        pass
+    except UserError:
+        if stopped_at_first_cell and not parents and counts["parent_run_id"]:
+            tracking.delete_run(counts["parent_run_id"])
+        raise
+    return counts
+
+
+def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcome],
+               counts: dict, parent: tracking.TrackedRun, progress: bool) -> None:
+    """The grid's missing cells, one after the other, nested under ``parent``; a
+    ``UserError`` of the first one is raised, any other failure recorded."""
     from tqdm.auto import tqdm
 
     from benchmark.pipeline import run_cell
 
-    grid = Grid.from_spec(path, overrides)
-    done = finished_cell_keys(grid.experiment)
-    todo = order_for_sharing([cfg for cfg in grid.cells if cell_key(cfg) not in done])
-    counts = {"cells": len(grid.cells), "already_finished": len(grid.cells) - len(todo),
-              "ran": 0, "failed": 0, "phase1_trained": 0, "failures": []}
     bar = tqdm(todo, desc=f"grid {grid.name}", unit="cell", disable=not progress or not todo,
                dynamic_ncols=True)
     for cfg in bar:
-        bar.set_postfix_str(f"{cfg.dataset}/{cfg.loss}/{cfg.method}/s{cfg.seed}")
+        key = cell_key(cfg)
+        outcome = outcomes[key]
+        bar.set_postfix_str(f"{outcome.label} s{cfg.seed}")
+        started_ms = int(time.time() * 1000)
         try:
-            result = run_cell(cfg, progress=False, tags={TAG_CELL: cell_key(cfg),
-                                                         TAG_GRID: grid.name})
+            result = run_cell(cfg, progress=False, tags={TAG_CELL: key, TAG_GRID: grid.name,
+                                                         TAG_GRID_ROLE: "cell"})
         except Exception as err:  # noqa: BLE001  (one failed cell must not cost the others)
             if isinstance(err, UserError) and not counts["ran"] and not counts["failed"]:
                 raise
             reason = failure_reason(err)
             counts["failed"] += 1
-            counts["failures"].append((cell_label(cfg), reason))
-            tqdm.write(f"cell failed ({cell_label(cfg)}): {reason}", file=sys.stderr)
-            continue
-        counts["ran"] += 1
-        counts["phase1_trained"] += not result["phase1_reused"]
-        m = result["metrics"]
-        tqdm.write(f"{cfg.dataset} {cfg.loss} {cfg.method} seed {cfg.seed}: "
-                   f"BAC {m[schema.test('bac')]:.4f} GM {m[schema.test('gm_macro')]:.4f} "
-                   f"F1 {m[schema.test('f1_macro')]:.4f} (run {result['run_id']})")
-    counts["experiment"] = grid.experiment
-    return counts
+            counts["failures"].append((f"{outcome.label} seed {cfg.seed}", reason))
+            # The cell's run, when it got one before failing.
+            runs = tracking.find_runs(parent.experiment, f"tags.{TAG_CELL} = '{key}' and "
+                                      f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+                                      ("FAILED", "KILLED"))
+            fresh = [r for r in runs if r.info.start_time >= started_ms]
+            outcome.status, outcome.when, outcome.reason = "FAILED", "now", reason
+            outcome.run_id = fresh[0].info.run_id if fresh else ""
+            tqdm.write(f"cell failed ({outcome.label} seed {cfg.seed}): {reason}",
+                       file=sys.stderr)
+        else:
+            counts["ran"] += 1
+            counts["phase1_trained"] += not result["phase1_reused"]
+            m = result["metrics"]
+            outcome.status, outcome.when = "FINISHED", "now"
+            outcome.run_id, outcome.metrics = result["run_id"], dict(m)
+            tqdm.write(f"{outcome.label} seed {cfg.seed}: BAC {m[schema.test('bac')]:.4f} "
+                       f"GM {m[schema.test('gm_macro')]:.4f} F1 {m[schema.test('f1_macro')]:.4f}"
+                       f" (run {result['run_id']})")
+        log_grid_progress(parent, counts)
+
+
+def log_grid_progress(parent: tracking.TrackedRun, counts: dict) -> None:
+    """Cells done, failed and in all, at step = cells processed (finished earlier included)."""
+    done = counts["already_finished"] + counts["ran"]
+    parent.log_metrics({CELLS_DONE: done, CELLS_FAILED: counts["failed"],
+                        CELLS_TOTAL: counts["cells"]}, step=done + counts["failed"])
+    parent.flush()  # now, not with the next batch: the UI shows the grid advancing
+
+
+def log_grid_summary(parent: tracking.TrackedRun, grid: Grid, path: str | Path,
+                     outcomes: dict[str, CellOutcome], counts: dict) -> None:
+    """The summary table (one row per cell, in the spec's order) and the parent's
+    description; a rerun replaces both."""
+    import pandas as pd
+
+    rows = [outcome.row() for outcome in outcomes.values()]
+    parent.log_table(pd.DataFrame(rows), SUMMARY_TABLE)
+    parent.log_text(_csv(rows), SUMMARY_CSV)
+    done = counts["already_finished"] + counts["ran"]
+    not_run = counts["cells"] - done - counts["failed"]
+    text = (f"Grid **{grid.name}** from `{path}`: {counts['cells']} cells, {done} finished "
+            f"({counts['ran']} in the latest pass), {counts['failed']} failed"
+            + (f", {not_run} not run" if not_run else "") +
+            f". Every cell's run and test scores: `{SUMMARY_TABLE}` (also `{SUMMARY_CSV}`); "
+            f"the spec: `{SPEC_ARTIFACT}`; the resolved cells: `{CELLS_ARTIFACT}`.")
+    tracking.set_run_tags(parent.run_id, {tracking.NOTE: text})
+
+
+def grid_description(grid: Grid, path: str | Path) -> str:
+    """What an experiment holding this grid holds (its description, set when it has none)."""
+    axes = [(plural, ", ".join(dict.fromkeys(str(getattr(cfg, name)) for cfg in grid.cells)))
+            for plural, name in GRID_AXES.items()]
+    text = (f"Grid {grid.name} from {path}: {len(grid.cells)} cells ("
+            + "; ".join(f"{plural} {values}" for plural, values in axes) + "). ")
+    if grid.description:
+        text += f"{grid.description} "
+    return text + (f"The run named {grid.name} (tag {TAG_GRID_ROLE}=parent) holds the spec, "
+                   f"the progress and a summary table; the cells are nested under it (tag "
+                   f"{TAG_GRID_ROLE}=cell; group by the tag `{schema.TAG_CELL}` to average "
+                   f"over seeds).")
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """A resolved cell's settings as CSV columns (mappings as JSON)."""
+    return {name: json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+            for name, value in dataclasses.asdict(cfg).items() if name not in NOT_IDENTITY}
+
+
+def _csv(rows: list[dict]) -> str:
+    import pandas as pd
+
+    return pd.DataFrame(rows).to_csv(index=False)
 
 
 def grid_summary(counts: dict) -> str:
     """What a grid did, for the end of the command: one line, then one per failed cell."""
     lines = [f"grid: {counts['cells']} cells, {counts['already_finished']} already finished, "
              f"{counts['ran']} ran ok now ({counts['phase1_trained']} phase-1 trainings), "
-             f"{counts['failed']} failed; experiment '{counts['experiment']}'"]
+             f"{counts['failed']} failed; experiment '{counts['experiment']}', parent run "
+             f"{counts['parent_run_id']}"]
     lines += [f"  failed: {cell}: {reason}" for cell, reason in counts.get("failures", [])]
     return "\n".join(lines)
 

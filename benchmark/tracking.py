@@ -212,8 +212,24 @@ class TrackedRun:
         _mlflow().set_tag(NOTE, text)
 
     def log_table(self, frame, artifact_file: str) -> None:
-        """A table the UI shows in its table view (and compares across runs)."""
-        _mlflow().log_table(data=frame, artifact_file=artifact_file)
+        """A table the UI shows in its table view (and compares across runs).  Logged again
+        under the same name it replaces the old one, where MLflow's ``log_table`` would append
+        to it (a grid's or a study's summary, rewritten by every rerun)."""
+        mlflow = _mlflow()
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            frame.to_json(path, orient="split", index=False, date_format="iso")  # log_table's
+            mlflow.log_artifact(str(path), str(Path(artifact_file).parent).strip(".") or None,
+                                run_id=self.run_id)
+        # The tag by which the UI shows the file as a table, as ``log_table`` sets it.
+        logged = json.loads(mlflow.get_run(self.run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+        if {"path": artifact_file, "type": "table"} not in logged:
+            set_run_tags(self.run_id, {LOGGED_ARTIFACTS: json.dumps(
+                [*logged, {"path": artifact_file, "type": "table"}])})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text file (a spec, a CSV) as an artifact; logged again, it replaces the old one."""
+        _mlflow().log_text(text, artifact_file, run_id=self.run_id)
 
     def log_model(self, model, example: np.ndarray, register: str | None = None) -> str:
         """``model`` as an MLflow PyTorch model under ``model``, with a signature and an input
@@ -236,6 +252,7 @@ class TrackedRun:
 
 
 NOTE = "mlflow.note.content"  # MLflow's description of a run or an experiment
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # which artifacts the UI shows as tables
 
 
 def describe_experiment(experiment_id: str, text: str) -> None:
@@ -483,6 +500,24 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
     client = _mlflow().MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def logging_experiment(default: str) -> str:
+    """The experiment a ``TrackedRun`` opened now logs to: that of the run it nests under (one
+    active in this process, or the one ``mlflow run`` made, named in ``MLFLOW_RUN_ID``), else
+    ``default``."""
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active is not None else os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return default
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+
+
+def delete_run(run_id: str) -> None:
+    """Move a run to MLflow's trash (a grid's new parent run whose first cell met a user
+    mistake: the grid never started)."""
+    _mlflow().MlflowClient().delete_run(run_id)
 
 
 def find_runs(experiment: str, filter_string: str = "", statuses: tuple[str, ...] = ("FINISHED",)):

@@ -56,7 +56,7 @@ def test_identity_names_parameters_and_seed():
     assert Fake.defaults.image_size == 32
 
 
-@pytest.mark.parametrize("bad", [{"classes": 0}, {"image_size": 2.5}, {"seed": -1},
+@pytest.mark.parametrize("bad", [{"classes": 0}, {"image_size": 2.5}, {"seed": -1}, {"seed": 256},
                                  {"train_per_class": True}])
 def test_bad_sizes_are_user_errors(bad):
     with pytest.raises(UserError, match="dataset 'fake'"):

@@ -10,8 +10,10 @@ from benchmark.data import DatasetDefaults, DatasetSource, ImageSet
 from benchmark.errors import UserError
 from benchmark.registry import DATASETS
 
-# Seeds of different ``seed`` values never meet below this many images.
-SEED_STRIDE = 1 << 32
+# torch seeds its CPU generator with the low 32 bits only: ``seed`` moves FakeData's seeds by
+# this many images, so 256 seeds share the range without meeting below 16.7M images each.
+SEED_STRIDE = 1 << 24
+SEEDS = 256
 
 
 @DATASETS.register("fake")
@@ -19,7 +21,8 @@ class Fake(DatasetSource):
     """Noise images of torchvision's FakeData, CIFAR-shaped: 10 classes, 5,000 training and
     1,000 test images per class, 32x32 colour; no download.
 
-    Image ``i`` and its label are FakeData's (``random_offset = seed * 2**32``): torch's
+    Image ``i`` and its label are FakeData's (``random_offset = seed * 2**24``, seed 0 to
+    255; torch keeps 32 bits of a seed): torch's
     generator seeded with ``i + random_offset`` draws a standard normal image, then a label
     uniformly; the uint8 image is what FakeData's PIL conversion makes of it
     (``x.mul(255).byte()``), computed here without the per-image PIL round trip.  Images are
@@ -42,9 +45,11 @@ class Fake(DatasetSource):
                  "channels": channels}
         bad = [f"{name}={value}" for name, value in sizes.items()
                if isinstance(value, bool) or not isinstance(value, int) or value < 1]
-        if bad or isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise UserError(f"dataset 'fake' needs positive integer sizes and a seed >= 0, "
-                            f"got {', '.join(bad) or f'seed={seed}'}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEEDS:
+            bad.append(f"seed={seed}")
+        if bad:
+            raise UserError(f"dataset 'fake' needs positive integer sizes and a seed from 0 "
+                            f"to {SEEDS - 1}, got {', '.join(bad)}")
         self.classes, self.train_per_class, self.test_per_class = (
             classes, train_per_class, test_per_class)
         self.image_size, self.channels, self.seed = image_size, channels, seed
