@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from baselines.pixel import FitOnceSVC, plot_sample_grid, resample_images
 from benchmark.data import ImageSet
+from benchmark.errors import UserError, one_line
 from benchmark.methods import SamplerMethod
 from benchmark.registry import METHODS
 
@@ -18,12 +18,20 @@ class PixelResampling(SamplerMethod):
     is a cached stage that every training seed of the same subset reuses."""
 
     def prepare_training_set(self, cell, train: ImageSet) -> ImageSet:
+        from baselines.pixel import resample_images  # scikit-learn's SVM: not at start-up
+
         sampler = self.make_sampler(random_state=cell.cfg.subset_seed)
-        images, labels = resample_images(train.images, train.labels, sampler)
+        try:
+            images, labels = resample_images(train.images, train.labels, sampler)
+        except ValueError as err:  # e.g. SVMSMOTE: "All support vectors are considered as noise"
+            raise UserError(f"method '{self.name}' cannot over-sample this training set: "
+                            f"{one_line(err)}") from None
         return ImageSet(images, labels, train.classes)
 
     def training_set_artifacts(self, cell, real: ImageSet, combined: ImageSet,
                                folder: Path) -> None:
+        from baselines.pixel import plot_sample_grid
+
         n = len(real)
         plot_sample_grid(real.images, real.labels, combined.images[n:], combined.labels[n:],
                          real.classes, folder / "samples.png")
@@ -55,7 +63,10 @@ class PixelBalancedSVM(PixelResampling):
     def make_sampler(self, random_state: int) -> Any:
         sampler = super().make_sampler(random_state)
         if sampler.svm_estimator is None:
-            # The same SVM as SVMSMOTE's default, fitted once instead of once per class.
+            from baselines.pixel import FitOnceSVC
+
+            # The same SVM as SVMSMOTE's default, fitted once instead of once per class (one
+            # fit on CIFAR-10-LT's 12,406 images takes about 12 minutes of CPU).
             sampler.svm_estimator = FitOnceSVC(gamma="scale", random_state=random_state)
         return sampler
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from benchmark.errors import UserError, one_line
@@ -16,6 +17,7 @@ if TYPE_CHECKING:  # the pipeline's types, only for annotations (no import cycle
     from benchmark.cell import Cell
     from benchmark.data import ImageSet
     from benchmark.models import Classifier
+    from benchmark.train import Schedule, TensorBatches
 
 # The cached stages a method can change, in pipeline order: each has its own cache key, built
 # from the configuration's allow-list plus ``Method.stage_identity(stage)``.
@@ -62,6 +64,12 @@ class Method:
     - ``phase2_outputs(cell, phase1)``: outputs beyond the pooled embeddings (feature maps).
     - ``embedding_resampler(random_state)``: an imbalanced-learn style sampler of embeddings.
     - ``retrains_head()``: whether phase 3 runs; ``head_step(cell)``: its training step.
+    - ``head_training(cell, phase1, plan)``: what phase 3 trains, given the pipeline's
+      :class:`HeadTraining` (module, batches, schedule): e.g. a fresh head, a wrapper whose
+      only trainable parameters are per-class scales, class-balanced or augmented batches.
+    - ``final_head(cell, head, val_bac)``: the head to evaluate, given the one phase 3 left (or
+      phase 1's): e.g. a transformation chosen on ``val_bac(module) -> float``, the validation
+      BAC of a candidate head.  The cell's validation BAC becomes that of the returned head.
     - ``on_cell_end(cell, results)``: after the test evaluation (diagnostics, figures).
     """
 
@@ -141,8 +149,26 @@ class Method:
     def head_step(self, cell: "Cell") -> Callable[..., "torch.Tensor"]:
         return plain_step
 
+    def head_training(self, cell: "Cell", phase1, plan: "HeadTraining") -> "HeadTraining":
+        return plan
+
+    def final_head(self, cell: "Cell", head: "torch.nn.Module",
+                   val_bac: Callable[["torch.nn.Module"], float]) -> "torch.nn.Module":
+        return head
+
     def on_cell_end(self, cell: "Cell", results: dict) -> None:
         pass
+
+
+@dataclass
+class HeadTraining:
+    """What phase 3 fits: ``module`` (embeddings -> logits; its parameters with
+    ``requires_grad`` are trained) on ``batches`` (a :class:`benchmark.train.TensorBatches`
+    or one that behaves like it) under ``schedule``; the fitted module is the final head."""
+
+    module: "torch.nn.Module"
+    batches: "TensorBatches"
+    schedule: "Schedule"
 
 
 @METHODS.register("none")

@@ -27,6 +27,7 @@ from benchmark.data.profiles import (balanced_validation, check_counts, choose_v
                                      draw_per_class, fingerprint, profile_counts,
                                      stratified_split)
 from benchmark.errors import UserError
+from benchmark.methods import HeadTraining
 from benchmark.metrics import balanced_accuracy, confusion, generalization_gap, scores_from_confusion
 from benchmark.models import Classifier, ImageClassifier
 from benchmark.registry import BACKBONES, DATASETS, LOSSES
@@ -381,11 +382,18 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
         head.load_state_dict({k[len("head."):]: v for k, v in phase1.state_dict.items()
                               if k.startswith("head.")})
     head = head.to(device)
+    val_x = torch.as_tensor(emb["val_x"], dtype=torch.float32, device=device)
+
+    def val_bac(module) -> float:
+        return balanced_accuracy(emb["val_y"], predict(module, val_x).argmax(1).numpy(),
+                                 num_classes)
+
     if not cell.method.retrains_head():
         if cfg.head_recipe != "continue":  # nothing retrains it: evaluate phase 1's own head
             head.load_state_dict({k[len("head."):]: v for k, v in phase1.state_dict.items()
                                   if k.startswith("head.")})
-        return head, emb["train_x"], emb["train_y"], {}
+        head, summary = finish_head(cell, head, val_bac, {})
+        return head, emb["train_x"], emb["train_y"], summary
     start = time.perf_counter()
     if resampler is None:
         train_x, train_y = emb["train_x"], emb["train_y"]
@@ -396,10 +404,9 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
     batches = TensorBatches(torch.as_tensor(train_x, dtype=torch.float32, device=device),
                             torch.as_tensor(train_y, dtype=torch.int64, device=device),
                             cfg.head_schedule.batch_size, torch.Generator().manual_seed(cfg.seed))
-    val_x = torch.as_tensor(emb["val_x"], dtype=torch.float32, device=device)
-
-    def validate() -> float:
-        return balanced_accuracy(emb["val_y"], predict(head, val_x).argmax(1).numpy(), num_classes)
+    plan = cell.method.head_training(cell, phase1,
+                                     HeadTraining(head, batches, cfg.head_schedule))
+    head = plan.module
 
     def log_epoch(epoch: int, record: dict) -> None:
         run.log_metrics({schema.phase(3, "train_loss"): record["train_loss"],
@@ -409,13 +416,23 @@ def retrain_head(cell: Cell, phase1: Phase1, resampler,
             on_epoch(epoch, record["val_bac"])
 
     start = time.perf_counter()
-    result = fit(head, batches, cell.loss.head_loss(), cfg.head_schedule, validate,
-                 on_epoch=log_epoch, progress="phase 3" if cell.progress else None,
-                 step=cell.method.head_step(cell))
+    result = fit(head, plan.batches, cell.loss.head_loss(), plan.schedule,
+                 lambda: val_bac(head), on_epoch=log_epoch,
+                 progress="phase 3" if cell.progress else None, step=cell.method.head_step(cell))
     cell.timings["phase3"] = time.perf_counter() - start
     run.log_metrics({schema.phase(3, "best_epoch"): result.best_epoch,
                      schema.phase(3, "best_val_bac"): result.best_score})
-    return head, train_x, train_y, {"best_val_bac": result.best_score}
+    head, summary = finish_head(cell, head, val_bac, {"best_val_bac": result.best_score})
+    return head, train_x, train_y, summary
+
+
+def finish_head(cell: Cell, head, val_bac: Callable, summary: dict):
+    """The method's last say on the head (``Method.final_head``); when it returns another
+    head, the cell's validation BAC is that head's."""
+    final = cell.method.final_head(cell, head, val_bac)
+    if final is head:
+        return head, summary
+    return final, {**summary, "best_val_bac": val_bac(final)}
 
 
 def evaluate(head, phase1: Phase1, train_x: np.ndarray, train_y: np.ndarray, classes: list[str],
@@ -598,7 +615,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
         metrics = {schema.VAL_BAC: phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
                    **{schema.time(stage): seconds for stage, seconds in cell.timings.items()}}
         results = {"phase1": phase1, "head": head, "train_x": train_x, "train_y": train_y,
-                   "phase2_outputs": extra}
+                   "phase2_outputs": extra, "resampler": resampler}
         if evaluate_test:
             test_metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
                                                        data.train.classes, device)

@@ -9,8 +9,8 @@ prints wall time and CPU time (``time.process_time``: all threads of the worker)
 ``resample_images`` call alone, peak RSS of the worker (``getrusage`` ``ru_maxrss``: the high
 water mark over its whole life, imports and data included) and its RSS just before the call,
 and the size of the output.  A worker still running after ``--timeout`` seconds is stopped; its
-row then shows the time it ran and the peak RSS read from ``/proc/<pid>/status`` (VmHWM)
-before it was stopped.  The pixels are random (``--data noise``, the default, or overlapping
+row then shows the time it ran, its CPU time (``/proc/<pid>/stat``, imports and data included)
+and its peak RSS (``/proc/<pid>/status`` VmHWM) just before it was stopped.  The pixels are random (``--data noise``, the default, or overlapping
 class clusters, ``--data clustered``): the figures measure cost, not image quality.
 ``--scale`` shrinks every class for a quick try.
 """
@@ -79,6 +79,16 @@ def rss_now_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a running process so far, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of a running process, or None once it is gone."""
     try:
@@ -120,10 +130,12 @@ def run_worker(name: str, scale: float, seed: int, data: str, timeout: float) ->
         while worker.poll() is None:
             peak = peak_rss_mib(worker.pid) or peak
             if time.perf_counter() - started > timeout:
+                cpu = cpu_seconds(worker.pid)
                 worker.kill()
                 worker.wait()
                 return {"sampler": name, "status": f"stopped after {timeout:.0f} s",
-                        "wall_s": time.perf_counter() - started, "peak_rss_mib": peak}
+                        "wall_s": time.perf_counter() - started, "cpu_s": cpu,
+                        "peak_rss_mib": peak}
             time.sleep(0.5)
         stdout.seek(0)
         stderr.seek(0)

@@ -373,8 +373,15 @@ PAPER_LAYOUTS = {layout.name: layout for layout in (
 )}
 
 
+# Training settings in words, for titles and captions.
+SETTING_WORDS = {"head_epochs": "head epochs", "batch_size": "batch size",
+                 "lr": "learning rate", "image_size": "image size", "subset_seed": "subset seed",
+                 "val_fraction": "validation fraction", "device_used": "device"}
+
+
 def field_text(field: str, value) -> str:
-    """A field's value as a title names it: ``exp profile``, ``ratio 100``, ``epochs 200``."""
+    """A field's value as a title names it: ``exp profile``, ``ratio 100``, ``epochs 200``,
+    ``learning rate 0.1``."""
     if field == "ratio":
         return "ratio ?" if pd.isna(value) else f"ratio {value:g}"
     if field == "profile":
@@ -383,7 +390,7 @@ def field_text(field: str, value) -> str:
         return f"loss {value}"
     if field in ("dataset", "backbone_label", "method_label", "method_variant"):
         return str(value)
-    return f"{field} {value}"
+    return f"{SETTING_WORDS.get(field, field)} {value}"
 
 
 def slug_part(field: str, value) -> str:
@@ -476,7 +483,10 @@ def level_settings_note(block: list, level: Level, orders: Orders) -> list[tuple
 
 # The table model ------------------------------------------------------------------------------
 SCORE, COUNT, SECONDS, RATIO = "score", "count", "seconds", "ratio"
-DIGITS = {SCORE: 4, SECONDS: 2, RATIO: 2}
+# Scores are shown in percent with ``--digits`` decimals; the other kinds have fixed decimals.
+DEFAULT_DIGITS = 1
+MAX_DIGITS = 6
+FIXED_DIGITS = {SECONDS: 2, RATIO: 2}
 
 
 @dataclass(frozen=True)
@@ -495,20 +505,43 @@ class Stat:
 @dataclass
 class Table:
     """One table of numbers, whatever the output format: rows of labels, columns (grouped or
-    not), a ``Stat`` per filled cell and the cells whose mean is the best (bold)."""
+    not), a ``Stat`` per filled cell (scores as fractions) and the cells whose mean is the
+    best (bold).  ``digits``: decimals of the scores, which are shown in percent.
+    ``constant_n``: the count of every filled cell where it is the same throughout (set by
+    ``fold_constant_count``); the text formats then leave the count columns out and the
+    caption states it once.  ``caption`` gives the caption after the title."""
 
     stem: str
     title: str
-    caption: Callable[["Markup"], str]
+    caption: Callable[["Markup", "Table"], str]
     index: tuple[str, ...]
     rows: list[tuple[str, ...]]
     columns: list[Column]
     values: dict[tuple[tuple[str, ...], Column], Stat]
     best: set[tuple[tuple[str, ...], Column]]
+    digits: int = DEFAULT_DIGITS
+    constant_n: int | None = None
 
     @property
     def grouped(self) -> bool:
         return any(column.group is not None for column in self.columns)
+
+    def shown_columns(self) -> list[Column]:
+        """The columns the text formats show: the count columns only where counts differ."""
+        return [c for c in self.columns if c.kind != COUNT or self.constant_n is None]
+
+    def caption_text(self, markup: "Markup") -> str:
+        return f"{markup.escape(self.title)}. {self.caption(markup, self)}"
+
+    def decimals(self, kind: str) -> int:
+        return self.digits if kind == SCORE else FIXED_DIGITS[kind]
+
+
+def fold_constant_count(table: Table) -> Table:
+    """Set ``constant_n`` where every filled count column holds the same number."""
+    counts = {stat.mean for (_, column), stat in table.values.items() if column.kind == COUNT}
+    table.constant_n = int(counts.pop()) if len(counts) == 1 else None
+    return table
 
 
 def mark_best(table: Table, per: str) -> None:
@@ -520,7 +553,8 @@ def mark_best(table: Table, per: str) -> None:
         if column.kind != SCORE or pd.isna(stat.mean):
             continue
         contest = (row, column.title) if per == "row" else column
-        contests.setdefault(contest, []).append((round(stat.mean, DIGITS[SCORE]), row, column))
+        shown = round(percent(stat.mean), table.digits)
+        contests.setdefault(contest, []).append((shown, row, column))
     for entries in contests.values():
         if len(entries) > 1:
             top = max(value for value, _, _ in entries)
@@ -528,15 +562,16 @@ def mark_best(table: Table, per: str) -> None:
 
 
 def empty_table(piece: Piece, rows: tuple[Level, ...], columns: list[Column], caption,
-                orders: Orders):
+                orders: Orders, digits: int):
     labelled = row_labels(piece.cells, rows, orders)
     table = Table(piece.stem, piece.title, caption, tuple(level.header for level in rows),
-                  list(dict.fromkeys(labels for labels, _, _ in labelled)), columns, {}, set())
+                  list(dict.fromkeys(labels for labels, _, _ in labelled)), columns, {}, set(),
+                  digits)
     return table, labelled
 
 
 def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
-                orders: Orders) -> Table:
+                orders: Orders, digits: int = DEFAULT_DIGITS) -> Table:
     """Mean and std of every metric, and the number of seeds, per row and column group."""
     def group_of(key: dict) -> str | None:
         return None if layout.group is None else level_label(piece.cells, layout.group, key)
@@ -546,7 +581,7 @@ def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
             piece.cells, key=lambda cell: level_order(layout.group, cell[0], orders))))
     columns = [c for group in groups for c in
                [Column(group, title, SCORE) for title in metrics] + [Column(group, "n", COUNT)]]
-    table, labelled = empty_table(piece, layout.rows, columns, caption, orders)
+    table, labelled = empty_table(piece, layout.rows, columns, caption, orders, digits)
     for labels, key, row in labelled:
         group = group_of(key)
         count = Column(group, "n", COUNT)
@@ -558,7 +593,7 @@ def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
                 table.values[(labels, Column(group, title, SCORE))] = Stat(
                     row[(metric, "mean")], row[(metric, "std")])
     mark_best(table, layout.best)
-    return table
+    return fold_constant_count(table)
 
 
 def ratio_title(reference: str) -> str:
@@ -575,7 +610,8 @@ def runtime_table(piece: Piece, stages: list[str], reference: str, caption,
     ratio = Column(None, ratio_title(reference), RATIO)
     columns = [Column(None, title, SECONDS) for title, _ in times] + [ratio,
                                                                       Column(None, "n", COUNT)]
-    table, labelled = empty_table(piece, RUNTIME.rows, columns, caption, orders)
+    table, labelled = empty_table(piece, RUNTIME.rows, columns, caption, orders,
+                                  DEFAULT_DIGITS)
     references = {loss: reference_total([(k, r) for k, r in piece.cells
                                          if k["loss_label"] == loss], reference)
                   for loss in {key["loss_label"] for key, _ in piece.cells}}
@@ -588,7 +624,7 @@ def runtime_table(piece: Piece, stages: list[str], reference: str, caption,
         if total is not None and not pd.isna(row[(TOTAL_TIME, "mean")]):
             table.values[(labels, ratio)] = Stat(row[(TOTAL_TIME, "mean")] / total)
         table.values[(labels, Column(None, "n", COUNT))] = Stat(float(row[("runs", "n")]))
-    return table
+    return fold_constant_count(table)
 
 
 def reference_total(cells: list, reference: str) -> float | None:
@@ -635,21 +671,27 @@ def format_number(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def percent(fraction: float) -> float:
+    return 100.0 * fraction
+
+
 def cell_text(table: Table, row: tuple[str, ...], column: Column, markup: Markup) -> str:
-    """``mean ± std`` for scores (the std a dash for one seed), the mean for seconds, a plain
-    number otherwise; a dash for an empty cell."""
+    """Scores in percent, ``mean ± std`` (the mean alone for a single seed); the mean for
+    seconds, a plain number otherwise; a dash for an empty cell."""
     stat = table.values.get((row, column))
     if stat is None or pd.isna(stat.mean):
         return markup.dash
     if column.kind == COUNT:
         return str(int(stat.mean))
-    text = format_number(stat.mean, DIGITS[column.kind])
+    digits = table.decimals(column.kind)
     if column.kind != SCORE:
-        return text
+        return format_number(stat.mean, digits)
+    text = format_number(percent(stat.mean), digits)
     if (row, column) in table.best:
         text = markup.bold(text)
-    std = markup.dash if pd.isna(stat.std) else format_number(stat.std, DIGITS[SCORE])
-    return f"{text}{markup.plus_minus}{std}"
+    if pd.isna(stat.std):
+        return text
+    return f"{text}{markup.plus_minus}{format_number(percent(stat.std), digits)}"
 
 
 def column_title(column: Column, markup: Markup) -> str:
@@ -662,18 +704,19 @@ def text_frame(table: Table, markup: Markup) -> pd.DataFrame:
         [tuple(markup.escape(label) for label in row) for row in table.rows],
         names=list(table.index)) if len(table.index) > 1 else pd.Index(
         [markup.escape(row[0]) for row in table.rows], name=table.index[0])
-    titles = [column_title(c, markup) for c in table.columns]
+    shown = table.shown_columns()
+    titles = [column_title(c, markup) for c in shown]
     columns = pd.MultiIndex.from_tuples([(markup.escape(c.group or ""), title) for c, title
-                                         in zip(table.columns, titles)]) if table.grouped \
+                                         in zip(shown, titles)]) if table.grouped \
         else pd.Index(titles)
-    data = [[cell_text(table, row, column, markup) for column in table.columns]
-            for row in table.rows]
+    data = [[cell_text(table, row, column, markup) for column in shown] for row in table.rows]
     return pd.DataFrame(data, index=index, columns=columns)
 
 
 def number_frame(table: Table) -> pd.DataFrame:
-    """The table as numbers (for CSV): a score column becomes ``<title> mean`` and
-    ``<title> std``, the rest keep their title; grouped columns are prefixed with the group."""
+    """The table as numbers (for CSV), in full precision and scores as fractions, counts
+    included even where constant: a score column becomes ``<title> mean`` and ``<title> std``,
+    the rest keep their title; grouped columns are prefixed with the group."""
     records = []
     for row in table.rows:
         record = dict(zip(table.index, row))
@@ -690,28 +733,47 @@ def number_frame(table: Table) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-# Wider tables (Table II has 6 methods x 4 columns) shrink to the text width where they exceed it.
-LATEX_MAX_NATURAL_COLUMNS = 8
+# A LaTeX table shows at most this many value columns (about 480 pt at 10 pt type: two methods'
+# BAC, GM, FM and n); a wider grouped table is split into tables of whole column groups
+# (methods, or Table I's datasets) rather than shrunk (``latex_parts``).
+LATEX_MAX_VALUE_COLUMNS = 8
+
+
+def latex_parts(table: Table) -> list[Table]:
+    """The table as LaTeX shows it: itself, or where it is grouped and has more than
+    ``LATEX_MAX_VALUE_COLUMNS`` columns to show, one table per run of consecutive column
+    groups that fits, titled "(part i of k)"; rows and bold marks stay those of the whole."""
+    shown = table.shown_columns()
+    if not table.grouped or len(shown) <= LATEX_MAX_VALUE_COLUMNS:
+        return [table]
+    groups = list(dict.fromkeys(column.group for column in shown))
+    per_part = max(1, LATEX_MAX_VALUE_COLUMNS // (len(shown) // len(groups)))
+    chunks = [groups[i:i + per_part] for i in range(0, len(groups), per_part)]
+    return [dataclasses.replace(table, stem=f"{table.stem}-{number}",
+                                title=f"{table.title} (part {number} of {len(chunks)})",
+                                columns=[c for c in table.columns if c.group in chunk])
+            for number, chunk in enumerate(chunks, start=1)]
+
+
+def latex_text(table: Table) -> str:
+    """A table's ``.tex``: one float per part (``latex_parts``)."""
+    return "\n".join(latex_table(text_frame(part, LATEX), part.caption_text(LATEX),
+                                  f"tab:{part.stem}") for part in latex_parts(table))
 
 
 def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs ``table`` float of already formatted and escaped cells, ready to ``\\input``
-    (needs ``\\usepackage{booktabs}``, and ``graphicx`` for a table wider than
-    ``LATEX_MAX_NATURAL_COLUMNS`` columns, which shrinks to the text width if wider).  Two-level
-    columns (groups of equal width) get a spanning header per group; with two-level rows, the
-    outer label is written once per block and blocks are ruled apart."""
+    (needs ``\\usepackage{booktabs}``).  Two-level columns (groups of equal width) get a
+    spanning header per group; with two-level rows, the outer label is written once per block
+    and blocks are ruled apart."""
     index_names = [n or "" for n in frame.index.names]
     grouped = isinstance(frame.columns, pd.MultiIndex)
     sub_titles = list(frame.columns.get_level_values(-1))
-    scaled = len(index_names) + len(sub_titles) > LATEX_MAX_NATURAL_COLUMNS
     lines = ["% Generated by python -m benchmark.report; regenerate rather than edit.",
              r"\begin{table}[htbp]", r"\centering", rf"\caption{{{caption}}}",
-             rf"\label{{{label}}}"]
-    if scaled:
-        lines[0] += " Needs graphicx."
-        lines.append(r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%")
-    lines += [rf"\begin{{tabular}}{{{'l' * len(index_names)}{'c' * len(sub_titles)}}}",
-              r"\toprule"]
+             rf"\label{{{label}}}",
+             rf"\begin{{tabular}}{{{'l' * len(index_names)}{'c' * len(sub_titles)}}}",
+             r"\toprule"]
     if grouped:
         groups = list(dict.fromkeys(frame.columns.get_level_values(0)))
         width = len(sub_titles) // len(groups)
@@ -733,7 +795,7 @@ def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
         else:
             shown = keys
         lines.append(" & ".join([str(k) for k in shown] + [str(v) for v in row]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}" + ("}" if scaled else ""), r"\end{table}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
 
 
@@ -749,32 +811,43 @@ def markdown_table(frame: pd.DataFrame, title: str, caption: str) -> str:
 
 
 # Captions -------------------------------------------------------------------------------------
-def score_caption(title: str, gm_form: str, experiments: list[str], best: str,
-                  notes: list[tuple[str, list[tuple[str, str]]]]) -> Callable[[Markup], str]:
-    def caption(markup: Markup) -> str:
+def score_caption(gm_form: str, experiments: list[str], best: str,
+                  notes: list[tuple[str, list[tuple[str, str]]]]
+                  ) -> Callable[[Markup, Table], str]:
+    def caption(markup: Markup, table: Table) -> str:
         esc = markup.escape
         where = "row and metric" if best == "row" else "column"
         settings = "".join(f" Settings per {esc(header)}: " + "; ".join(
             f"{esc(label)}: {esc(text)}" for label, text in entries) + "."
             for header, entries in notes)
-        return (f"{esc(title)}. Mean{markup.plus_minus}sample standard deviation (ddof=1) over "
-                f"seeds (a dash for a single seed); {markup.seeds_header}: number of seeds. "
-                f"BAC: balanced accuracy; GM: {esc(GM_FORMS[gm_form][1])}; FM: macro F1. "
-                f"Best mean per {where} in bold; a dash alone: no finished run.{settings} "
+        n = table.constant_n
+        if n == 1:
+            spread = "Scores in percent, from one seed per cell."
+        elif n:
+            spread = (f"Scores in percent: mean{markup.plus_minus}standard deviation over the "
+                      f"{n} seeds of each cell.")
+        else:
+            spread = (f"Scores in percent: mean{markup.plus_minus}standard deviation over "
+                      f"seeds (the mean alone for a single seed); {markup.seeds_header}: "
+                      f"number of seeds.")
+        return (f"{spread} BAC: balanced accuracy; GM: {esc(GM_FORMS[gm_form][1])}; FM: macro "
+                f"F1. Best mean per {where} in bold; a dash: no finished run.{settings} "
                 f"{experiments_text(experiments, markup)}")
     return caption
 
 
-def runtime_caption(title: str, experiments: list[str], reference: str) -> Callable[[Markup], str]:
-    def caption(markup: Markup) -> str:
+def runtime_caption(experiments: list[str], reference: str) -> Callable[[Markup, Table], str]:
+    def caption(markup: Markup, table: Table) -> str:
         esc = markup.escape
-        return (f"{esc(title)}. Mean seconds over runs per stage the runs logged; Total: the "
-                f"sum of the stages each run logged, as if computed from scratch (a reused "
-                f"phase 1 counts the time of the run that trained it, not its loading); "
-                f"{esc(ratio_title(reference))}: the method's total divided by "
-                f"{esc(reference)}'s total for the same loss (above 1: slower than "
-                f"{esc(reference)}; a dash where there is no single {esc(reference)} cell to "
-                f"compare with); {markup.seeds_header}: number of runs. "
+        n = table.constant_n
+        runs = (f"{markup.seeds_header}: number of runs" if n is None else
+                f"each row averages {n} run{'s' if n > 1 else ''}")
+        return (f"Mean seconds per stage the runs logged; Total: the sum of the stages each "
+                f"run logged, as if computed from scratch (a reused phase 1 counts the time of "
+                f"the run that trained it, not its loading); {esc(ratio_title(reference))}: "
+                f"the method's total divided by {esc(reference)}'s total for the same loss "
+                f"(above 1: slower than {esc(reference)}; a dash where there is no single "
+                f"{esc(reference)} cell to compare with); {runs}. "
                 f"{experiments_text(experiments, markup)}")
     return caption
 
@@ -797,7 +870,8 @@ class Report:
     latest run, ``latest_per_seed``).  The ``layout`` decides how cells make score tables;
     runtime tables and figures are per setting.  ``prefix`` starts every file name.  Runtime
     tables divide every total by the ``reference`` method's; ``stages`` are the stage times
-    the runs logged, in pipeline order; ``orders`` sorts rows and columns.
+    the runs logged, in pipeline order; ``orders`` sorts rows and columns; ``digits``: the
+    decimals of the scores (shown in percent).
     """
 
     runs: pd.DataFrame
@@ -810,12 +884,14 @@ class Report:
     reference: str
     stages: list[str]
     orders: Orders
+    digits: int = DEFAULT_DIGITS
 
     @classmethod
     def build(cls, runs: pd.DataFrame, experiments: list[str], gm_form: str,
               layout: Layout = GENERIC, prefix: str = "", reference: str = DEFAULT_REFERENCE,
               methods: tuple[str, ...] | None = None,
-              groups: dict[str, tuple[str, ...]] | None = None) -> "Report":
+              groups: dict[str, tuple[str, ...]] | None = None,
+              digits: int = DEFAULT_DIGITS) -> "Report":
         """``methods``: their order (a grid's), else ``method_order``; ``groups``: row group
         name -> its methods, for layouts with a group level (without, that level is left
         out); a method in no group gets the group ""."""
@@ -831,7 +907,7 @@ class Report:
         return cls(runs, aggregate(runs, list(score_metrics(gm_form).values())),
                    aggregate(runs, stages + [TOTAL_TIME]), experiments, gm_form,
                    layout if groups else layout.without_groups(), prefix, reference, stages,
-                   orders)
+                   orders, digits)
 
     def score_tables(self) -> list[Table]:
         tables = []
@@ -839,16 +915,15 @@ class Report:
         for piece in pieces(cells_of(self.scores), self.layout, self.prefix, self.orders):
             notes = [(level.header.lower(), level_settings_note(piece.cells, level, self.orders))
                      for level in levels if level.folded]
-            caption = score_caption(piece.title, self.gm_form, self.experiments,
-                                    self.layout.best, [n for n in notes if n[1]])
+            caption = score_caption(self.gm_form, self.experiments, self.layout.best,
+                                    [n for n in notes if n[1]])
             tables.append(score_table(piece, self.layout, score_metrics(self.gm_form), caption,
-                                      self.orders))
+                                      self.orders, self.digits))
         return tables
 
     def runtime_tables(self) -> list[Table]:
         return [runtime_table(piece, self.stages, self.reference,
-                              runtime_caption(piece.title, self.experiments, self.reference),
-                              self.orders)
+                              runtime_caption(self.experiments, self.reference), self.orders)
                 for piece in pieces(cells_of(self.runtimes), RUNTIME, self.prefix, self.orders)]
 
     def tables(self) -> list[Table]:
@@ -860,6 +935,22 @@ class Report:
 
 
 # Figures --------------------------------------------------------------------------------------
+FIGURE_FORMATS = ("png", "pdf")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of a report, written as ``<name>.png`` and ``<name>.pdf`` in ``folder``."""
+
+    title: str
+    folder: Path
+    name: str
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / f"{self.name}.{suffix}" for suffix in FIGURE_FORMATS]
+
+
 def pyplot():
     import matplotlib
 
@@ -867,6 +958,29 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, figure: Figure) -> None:
+    for path in figure.paths:
+        fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def fitted_limits(low, high, bounds: tuple[float, float] = (0.0, 100.0)) -> tuple[float, float]:
+    """Axis limits around values reaching from ``low`` to ``high`` (means less and plus their
+    error bars, NaN ignored), clipped to ``bounds``, with a margin of 5% of the span (at least
+    half a unit): recalls between 60 and 100% get an axis from about 58 to 102, not 0 to 100."""
+    lows = [v for v in low if not math.isnan(v)] or [bounds[0]]
+    highs = [v for v in high if not math.isnan(v)] or [bounds[1]]
+    bottom, top = max(bounds[0], min(lows)), min(bounds[1], max(highs))
+    margin = max(0.05 * (top - bottom), 0.5)
+    return bottom - margin, top + margin
+
+
+def error_bars(stats: list[Stat]) -> tuple[list[float], list[float]]:
+    """Means and standard deviations in percent; a single seed's missing deviation is 0."""
+    return ([percent(s.mean) for s in stats],
+            [0.0 if pd.isna(s.std) else percent(s.std) for s in stats])
 
 
 def k_curves(piece: Piece, metrics: dict[str, str]) -> dict[str, dict[str, list]]:
@@ -885,36 +999,42 @@ def k_curves(piece: Piece, metrics: dict[str, str]) -> dict[str, dict[str, list]
             for label, curve in curves.items() if len(next(iter(curve.values()))) > 1}
 
 
-def plot_k_sensitivity(curves: dict, title: str, path: Path) -> None:
+def k_figure(curves: dict, title: str):
+    """A panel per metric: the metric (percent) against K, a line per loss and method, error
+    bars over seeds, the y axis fitted to the data."""
     plt = pyplot()
     titles = list(next(iter(curves.values())))
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.8), squeeze=False,
+                             layout="constrained")
     for ax, metric_title in zip(axes[0], titles):
+        lows, highs = [], []
         for label, curve in curves.items():
             points = curve[metric_title]
-            ks = [k for k, _ in points]
-            means = [s.mean for _, s in points]
-            errors = [0.0 if pd.isna(s.std) else s.std for _, s in points]
-            ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=label)
+            means, errors = error_bars([s for _, s in points])
+            ax.errorbar([k for k, _ in points], means, yerr=errors, marker="o", capsize=3,
+                        label=label)
+            lows += [m - e for m, e in zip(means, errors)]
+            highs += [m + e for m, e in zip(means, errors)]
         ks = sorted({k for curve in curves.values() for k, _ in curve[metric_title]})
         if ks[-1] >= 10 * ks[0]:  # the paper's K run from 10 to 300
             ax.set_xscale("log")
         ax.set_xticks(ks, [f"{k:g}" for k in ks])
         ax.minorticks_off()
-        ax.set_xlabel("K (k_neighbors)")
-        ax.set_ylabel(metric_title)
+        ax.set_ylim(*fitted_limits(lows, highs))
+        ax.set_title(metric_title, fontsize=10)
+        ax.set_xlabel("K (nearest neighbours)")
+        ax.set_ylabel(f"test {metric_title} (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{title}\nmean over seeds, error bars: sample standard deviation", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"{title}\nmean over seeds; error bars: standard deviation over seeds",
+                 fontsize=10)
+    return fig
 
 
 def recall_by_class(runs: pd.DataFrame, piece: Piece, orders: Orders):
-    """``(classes, their training counts, {loss: {method: mean recall per class}})`` for one
-    setting, classes sorted by training size (largest first), means over seeds; None when its
-    runs logged no per-class recall."""
+    """``(classes, their training counts, {loss: {method: [Stat per class]}})`` for one
+    setting, classes sorted by training size (largest first), mean and standard deviation of
+    the recall over seeds; None when its runs logged no per-class recall."""
     mine = runs
     for field, value in piece.values.items():
         mine = mine[mine[field].isna()] if pd.isna(value) else mine[mine[field] == value]
@@ -928,56 +1048,65 @@ def recall_by_class(runs: pd.DataFrame, piece: Piece, orders: Orders):
     counts = {c: logged[c] if c < len(logged) else 0 for c in classes}
     order = sorted(classes, key=lambda c: (-counts[c], c))
     columns = [f"{RECALL_PREFIX}{c}" for c in order]
-    means = mine.groupby(["loss_label", "method_label"])[columns].mean()
-    by_loss: dict[str, dict[str, list[float]]] = {}
+    grouped = mine.groupby(["loss_label", "method_label"])[columns]
+    means, stds = grouped.mean(), grouped.std(ddof=1)
+    by_loss: dict[str, dict[str, list[Stat]]] = {}
     for (loss, method), row in sorted(means.iterrows(), key=lambda item: (
             orders.key("loss_label", item[0][0]), orders.key("method_label", item[0][1]))):
-        by_loss.setdefault(loss, {})[method] = row[columns].tolist()
+        spread = stds.loc[(loss, method)]
+        by_loss.setdefault(loss, {})[method] = [Stat(row[c], spread[c]) for c in columns]
     return order, [counts[c] for c in order], by_loss
 
 
-def plot_recall(order: list[int], counts: list[int], by_loss: dict, title: str,
-                path: Path) -> None:
+def recall_figure(order: list[int], counts: list[int], by_loss: dict, title: str):
+    """A panel per loss: test recall (percent) per class, a line per method, side by side so
+    that error bars over seeds do not hide each other; one y axis fitted to all panels."""
     plt = pyplot()
     width = min(16.0, max(6.0, 0.3 * len(order)))
-    fig, axes = plt.subplots(len(by_loss), 1, figsize=(width, 3.2 * len(by_loss)),
-                             squeeze=False, sharex=True)
-    positions = list(range(len(order)))
+    fig, axes = plt.subplots(len(by_loss), 1, figsize=(width, 1.0 + 3.0 * len(by_loss)),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    lows, highs = [], []
     for ax, (loss, methods) in zip(axes[:, 0], by_loss.items()):
-        for method, recalls in methods.items():
-            ax.plot(positions, recalls, marker="o", markersize=3, label=method)
-        ax.set_ylabel(f"test recall\n(loss {loss})")
-        ax.set_ylim(-0.02, 1.02)
+        spread = 0.5 / len(methods)
+        for number, (method, stats) in enumerate(methods.items()):
+            means, errors = error_bars(stats)
+            shift = (number - (len(methods) - 1) / 2) * spread
+            ax.errorbar([i + shift for i in range(len(order))], means, yerr=errors, marker="o",
+                        markersize=3, capsize=2, linewidth=1, label=method)
+            lows += [m - e for m, e in zip(means, errors)]
+            highs += [m + e for m, e in zip(means, errors)]
+        ax.set_title(f"loss {loss}", fontsize=9)
+        ax.set_ylabel("test recall (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=min(6, len(methods)))
+    axes[0, 0].set_ylim(*fitted_limits(lows, highs))
     step = max(1, len(order) // 25)  # CIFAR-100's 100 classes stay legible
-    axes[-1, 0].set_xticks(positions[::step],
+    axes[-1, 0].set_xticks(range(len(order))[::step],
                            [f"{c}\n({n})" for c, n in zip(order, counts)][::step], fontsize=7)
     axes[-1, 0].set_xlabel("class (training images), largest class first")
-    fig.suptitle(f"{title}\nper-class test recall, mean over seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"{title}\nmean over seeds; error bars: standard deviation over seeds",
+                 fontsize=10)
+    return fig
 
 
-def write_figures(report: Report, out: Path) -> list[tuple[str, Path]]:
-    """K sensitivity (where runs differ in K) and per-class recall, per setting: ``(title,
-    path)`` of each PNG written."""
+def write_figures(report: Report, out: Path) -> list[Figure]:
+    """K sensitivity (where runs differ in K) and per-class recall, per setting, each as PNG
+    and PDF."""
     written = []
     metrics = score_metrics(report.gm_form)
     for piece in report.settings():
         curves = k_curves(piece, metrics)
         if curves:
-            title = f"K sensitivity: {piece.setting}"
-            path = out / f"{figure_stem(report, 'k-sensitivity', piece.slug)}.png"
-            plot_k_sensitivity(curves, title, path)
-            written.append((title, path))
+            figure = Figure(f"Sensitivity to K: {piece.setting}", out,
+                            figure_stem(report, "k-sensitivity", piece.slug))
+            save_figure(k_figure(curves, figure.title), figure)
+            written.append(figure)
         recall = recall_by_class(report.runs, piece, report.orders)
         if recall is not None:
-            title = f"Per-class recall: {piece.setting}"
-            path = out / f"{figure_stem(report, 'recall', piece.slug)}.png"
-            plot_recall(*recall, title, path)
-            written.append((title, path))
+            figure = Figure(f"Per-class test recall: {piece.setting}", out,
+                            figure_stem(report, "recall", piece.slug))
+            save_figure(recall_figure(*recall, figure.title), figure)
+            written.append(figure)
     return written
 
 
@@ -985,11 +1114,73 @@ def figure_stem(report: Report, kind: str, slug: str) -> str:
     return "-".join(part for part in (report.prefix, kind, slug) if part)
 
 
+# The PDF of all tables ------------------------------------------------------------------------
+# A page with 2 cm margins and 4 pt column padding holds a table of LATEX_MAX_VALUE_COLUMNS
+# columns with long row labels; a document of tables alone lets floats fill whole pages, and
+# is flushed every few floats (LaTeX holds at most 18 pending).
+PDF_PREAMBLE = r"""\documentclass[a4paper,10pt]{article}
+\usepackage[margin=2cm]{geometry}
+\usepackage{booktabs}
+\setlength{\tabcolsep}{4pt}
+\setcounter{totalnumber}{8}\setcounter{topnumber}{8}\setcounter{bottomnumber}{8}
+\renewcommand{\topfraction}{1}\renewcommand{\bottomfraction}{1}
+\renewcommand{\textfraction}{0}\renewcommand{\floatpagefraction}{0.6}
+"""
+PDF_FLOATS_PER_FLUSH = 6
+PDFLATEX_SECONDS = 120
+
+
+def tables_pdf(tex_files: list[Path], title: str, path: Path) -> Path | None:
+    """Every table of ``tex_files`` in one document, compiled with pdflatex to ``path``;
+    None, with a one-line note on stderr, where pdflatex is missing or fails (the ``.tex``
+    files stand either way)."""
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        print("note: pdflatex not found: the tables are not compiled into a PDF (the .tex "
+              "files are written)", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        body, pending = [rf"\section*{{{latex_escape(title)}}}"], 0
+        for number, source in enumerate(tex_files):
+            # Plain names: \input stumbles over the dots that ratios put in file names.
+            shutil.copy(source, Path(tmp, f"table{number}.tex"))
+            body.append(rf"\input{{table{number}.tex}}")
+            pending += source.read_text().count(r"\begin{table}")
+            if pending >= PDF_FLOATS_PER_FLUSH:
+                body.append(r"\clearpage")
+                pending = 0
+        Path(tmp, "tables.tex").write_text(
+            PDF_PREAMBLE + "\\begin{document}\n" + "\n".join(body) + "\n\\end{document}\n")
+        try:
+            result = subprocess.run(
+                [pdflatex, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape",
+                 "tables.tex"], cwd=tmp, capture_output=True, text=True,
+                timeout=PDFLATEX_SECONDS)
+            failure = None if result.returncode == 0 else next(
+                (line for line in result.stdout.splitlines() if line.startswith("!")),
+                f"exit status {result.returncode}")
+        except subprocess.TimeoutExpired:
+            failure = f"no result within {PDFLATEX_SECONDS} s"
+        if failure is not None:
+            print(f"note: pdflatex could not compile the tables ({failure}); no PDF written",
+                  file=sys.stderr)
+            return None
+        shutil.copy(Path(tmp, "tables.pdf"), path)
+    return path
+
+
 # Output ---------------------------------------------------------------------------------------
-def markdown_text(tables: list[Table], figures: list[tuple[str, Path]]) -> str:
-    parts = [markdown_table(text_frame(t, MARKDOWN), t.title, t.caption(MARKDOWN))
+def markdown_text(tables: list[Table], figures: list[Figure],
+                  files: list[tuple[str, Path]]) -> str:
+    """Every table, every figure (its PNG) and links to ``files`` (``(what, path)``), all
+    linked by bare file name: the markdown lies next to them on disk and in MLflow."""
+    parts = [markdown_table(text_frame(t, MARKDOWN), t.title, t.caption_text(MARKDOWN))
              for t in tables]
-    parts += [f"### {title}\n\n![{title}]({path.name})\n" for title, path in figures]
+    parts += [f"### {figure.title}\n\n![{figure.title}]({figure.paths[0].name})\n"
+              for figure in figures]
+    if files:
+        parts.append("### Files\n\n" + "\n".join(f"- {what}: [{path.name}]({path.name})"
+                                                 for what, path in files) + "\n")
     return "\n".join(parts)
 
 
@@ -1000,38 +1191,80 @@ def write_aggregates(report: Report, out: Path) -> list[Path]:
     for name, summary in (("scores", report.scores), ("runtime", report.runtimes)):
         flat = summary.copy()
         flat.columns = [f"{metric}_{stat}" for metric, stat in flat.columns]
-        path = out / f"{'-'.join(p for p in (report.prefix, name) if p)}.csv"
+        path = out / f"{report_file(report, name)}.csv"
         flat.reset_index().to_csv(path, index=False)
         written.append(path)
     return written
 
 
+def report_file(report: Report, name: str) -> str:
+    return "-".join(part for part in (report.prefix, name) if part)
+
+
+def run_list(report: Report) -> list[dict]:
+    """The runs a report summarised (the latest of each cell and seed): id, experiment, the
+    cell (its ``cell`` tag, or its labels for runs logged without one) and seed."""
+    runs = report.runs.sort_values(["experiment", "run_id"])
+    labels = (runs["dataset"] + "/" + runs["profile"] + runs["ratio"].map("{:g}".format) + "/"
+              + runs["backbone_label"] + "/" + runs["loss_label"] + "/" + runs["method_label"])
+    return [{"run_id": run_id, "experiment": experiment, "cell": cell,
+             "seed": None if pd.isna(seed) else int(seed)}
+            for run_id, experiment, cell, seed in zip(
+                runs["run_id"], runs["experiment"],
+                runs.get("cell", pd.Series(None, index=runs.index, dtype=object)).fillna(labels),
+                runs["seed"])]
+
+
+def write_run_list(report: Report, out: Path) -> Path:
+    """``runs.json``: ``{"count": n, "runs": run_list(report)}``."""
+    path = out / f"{report_file(report, 'runs')}.json"
+    entries = run_list(report)
+    path.write_text(json.dumps({"count": len(entries), "runs": entries}, indent=1) + "\n")
+    return path
+
+
+def report_title(report: Report) -> str:
+    what = f"Report {report.prefix}" if report.prefix else "Report"
+    return f"{what}: {experiments_text(report.experiments, MARKDOWN)[:-1]}"
+
+
 def write_report(report: Report, out: Path, formats: tuple[str, ...]) -> tuple[list[Path], str]:
-    """Write the figures and every table in ``formats`` under ``out``; returns the files
-    (tables first, then figures) and the markdown text ('' unless asked for)."""
+    """Write under ``out`` the figures, every table in ``formats`` (with LaTeX, also the PDF
+    of them all where pdflatex exists) and ``runs.json``; returns the files (tables first,
+    then the markdown, the PDF, the run list and the figures) and the markdown text ('' unless
+    asked for).  Every file lies flat in ``out``, which is how the report run logs them, so
+    that the markdown's links work on disk and in MLflow alike."""
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(report, out)
     tables = report.tables()
     written: list[Path] = []
+    tex_files: list[Path] = []
     for table in tables:
         if "latex" in formats:
             path = out / f"{table.stem}.tex"
-            path.write_text(latex_table(text_frame(table, LATEX), table.caption(LATEX),
-                                        f"tab:{table.stem}"))
-            written.append(path)
+            path.write_text(latex_text(table))
+            tex_files.append(path)
         if "csv" in formats:
             path = out / f"{table.stem}.csv"
             number_frame(table).to_csv(path, index=False)
             written.append(path)
+    written = tex_files + written
     if "csv" in formats:
         written += write_aggregates(report, out)
+    extras = [("the runs summarised (MLflow run ids)", write_run_list(report, out))]
+    if tex_files:
+        pdf = tables_pdf(tex_files, report_title(report),
+                         out / f"{report_file(report, 'tables')}.pdf")
+        if pdf is not None:
+            extras.insert(0, ("every table as a PDF", pdf))
     markdown = ""
     if "markdown" in formats:
-        markdown = markdown_text(tables, figures)
+        markdown = markdown_text(tables, figures, extras)
         path = out / f"{report.prefix or 'report'}.md"
         path.write_text(markdown)
         written.append(path)
-    return written + [path for _, path in figures], markdown
+    return written + [path for _, path in extras] + [
+        path for figure in figures for path in figure.paths], markdown
 
 
 def check_choice(value: str, choices, what: str) -> str:
@@ -1045,7 +1278,8 @@ GROUPING_NOTE = (
     "profile x ratio x training setting (epochs, lr, device, ...) x loss x method (each with "
     "the parameters its runs logged: eos and 'eos (K=3)' are separate) is a cell, averaged over "
     "seeds; only the latest run of a cell and seed counts, and runs of several experiments "
-    "with one setting share cells.  Generic layout: a table per setting, rows loss, columns "
+    "with one setting share cells; without --experiment or --grid, every experiment of the "
+    "store that holds cells is reported.  Generic layout: a table per setting, rows loss, columns "
     "method.  --grid with a spec named table1 / table2 / table4 / table5 picks the paper's "
     "layout; methods then come in the spec's order (else alphabetically, the reference last), "
     "and Table I groups its rows by the spec's `groups:`.")
@@ -1057,10 +1291,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tables and figures of the finished runs in the MLflow store "
                     "(MLFLOW_TRACKING_URI): BAC / GM / FM by loss x method (or a paper "
                     "table's layout), runtime per stage, K sensitivity and per-class recall; "
-                    "the files are also logged to a run tagged study_role=report.")
+                    f"the files are also logged to a run of the experiment "
+                    f"'{REPORT_EXPERIMENT}'.")
     parser.add_argument("--experiment", action="append", dest="experiments", metavar="NAME",
-                        help=f"experiment to report; repeat for several; default: the grid's "
-                             f"experiment with --grid, else {DEFAULT_EXPERIMENT}")
+                        help="experiment to report; repeat for several; default: the grid's "
+                             "experiment with --grid, else every experiment that holds "
+                             "finished benchmark cells")
     parser.add_argument("--grid", metavar="SPEC",
                         help="grid spec (YAML): report only its cells (runs tagged with one "
                              "of its cell keys), from its experiment, methods in its order; "
@@ -1074,22 +1310,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"folder for the files; default {DEFAULT_OUT}/")
     parser.add_argument("--format", default=DEFAULT_FORMAT,
-                        help="all (default: .tex, .md and .csv), latex (one .tex per table), "
-                             "markdown (printed, and written as one .md) or csv (one .csv per "
-                             "table plus every cell's aggregates); PNG figures always")
+                        help="all (default: .tex, .md and .csv), latex (one .tex per table, "
+                             "and tables.pdf of them all where pdflatex exists), markdown "
+                             "(printed, and written as one .md) or csv (one .csv per table "
+                             "plus every cell's aggregates); figures (PNG and PDF) and "
+                             "runs.json always")
+    parser.add_argument("--digits", default=str(DEFAULT_DIGITS),
+                        help=f"decimals of the scores, which the LaTeX and markdown tables "
+                             f"show in percent; default {DEFAULT_DIGITS} (89.8); the CSV "
+                             f"files keep full precision")
     parser.add_argument("--gm", default="macro",
                         help="GM shown: macro (test/gm_macro, the EOS paper's) or multiclass "
                              "(test/gm, per-class geometric mean); default macro")
     parser.add_argument("--no-log", action="store_true",
-                        help="do not log the report as an MLflow run")
+                        help=f"do not log the report as a run of the experiment "
+                             f"'{REPORT_EXPERIMENT}'")
     return parser
 
 
 @dataclass
 class Scope:
-    """Which runs a report covers and how it lays them out."""
+    """Which runs a report covers (``experiments`` None: every experiment holding cells) and
+    how it lays them out."""
 
-    experiments: list[str]
+    experiments: list[str] | None
     cell_keys: set[str] | None = None
     grid: str | None = None
     layout: Layout = GENERIC
@@ -1105,8 +1349,7 @@ def scope_of(args: argparse.Namespace) -> Scope:
     experiments = [e for e in dict.fromkeys(args.experiments or []) if e != UNSET]
     reference = None if args.reference in (None, "", UNSET) else args.reference
     if args.grid in (None, "", UNSET):
-        return Scope(experiments or [DEFAULT_EXPERIMENT], reference=reference or
-                     DEFAULT_REFERENCE)
+        return Scope(experiments or None, reference=reference or DEFAULT_REFERENCE)
     from benchmark.studies import Grid, cell_key, read_spec
 
     grid = Grid.from_spec(args.grid)
@@ -1153,15 +1396,25 @@ def spec_groups(spec: dict, methods: tuple[str, ...], where: str) -> dict | None
     return {str(name): tuple(members) for name, members in groups.items()}
 
 
+def check_digits(text: str) -> int:
+    if text in (UNSET, ""):
+        return DEFAULT_DIGITS
+    if not text.isdigit() or int(text) > MAX_DIGITS:
+        raise UserError(f"--digits must be a whole number from 0 to {MAX_DIGITS}, not '{text}'")
+    return int(text)
+
+
 def make_report(args: argparse.Namespace) -> int:
     output_format = check_choice(DEFAULT_FORMAT if args.format == UNSET else args.format,
                                  tuple(FORMATS), "format")
     gm_form = check_choice(args.gm, tuple(GM_FORMS), "GM form")
+    digits = check_digits(args.digits)
     tracking.prepare_store(write=not args.no_log)  # one clear line if the store is unusable
     scope = scope_of(args)
     runs = gather_runs(scope.experiments, scope.cell_keys, scope.grid)
-    report = Report.build(runs, scope.experiments, gm_form, scope.layout, scope.grid or "",
-                          scope.reference, scope.methods, scope.groups)
+    experiments = scope.experiments or sorted(set(runs["experiment"]))
+    report = Report.build(runs, experiments, gm_form, scope.layout, scope.grid or "",
+                          scope.reference, scope.methods, scope.groups, digits)
     # With markdown on stdout, everything else goes to stderr so that it can be piped.
     notes = sys.stderr if output_format == "markdown" else sys.stdout
     if len(report.runs) < len(runs):
@@ -1177,19 +1430,35 @@ def make_report(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}", file=notes)
     if not args.no_log:
+        name = f"report {scope.grid or ', '.join(experiments)}"
         run_id = tracking.log_report(
-            scope.experiments[0],
-            {"figures": [p for p in written if p.suffix == ".png"],
-             "tables": [p for p in written if p.suffix != ".png"]},
-            params={"experiments": ",".join(scope.experiments), "grid_spec": args.grid or "",
+            REPORT_EXPERIMENT, {"": written},  # flat, as on disk: the markdown's links hold
+            params={"experiments": ",".join(experiments)[:MAX_PARAM_CHARS],
+                    "grid_spec": "" if args.grid in (None, UNSET) else args.grid,
                     "grid_name": scope.grid or "", "layout": scope.layout.name, "gm": gm_form,
-                    "format": output_format, "runs": len(report.runs),
+                    "format": output_format, "digits": digits, "runs": len(report.runs),
                     "reference": scope.reference},
             # No `grid` tag: that one marks a grid's cells.
-            tags={TAG_ROLE: REPORT_ROLE})
-        print(f"logged the report as run {run_id} in experiment {scope.experiments[0]}",
+            tags={TAG_ROLE: REPORT_ROLE}, run_name=name[:MAX_PARAM_CHARS],
+            description=report_description(report, written),
+            experiment_description=REPORTS_DESCRIPTION)
+        print(f"logged the report as run {run_id} in experiment {REPORT_EXPERIMENT}",
               file=notes)
     return 0
+
+
+# MLflow keeps at most 6000 characters of a parameter.
+MAX_PARAM_CHARS = 6000
+
+
+def report_description(report: Report, files: list[Path]) -> str:
+    """The report run's note (markdown): what it summarised and where to look."""
+    names = [path.name for path in files]
+    look = [f"`{name}`" for name in names if name.endswith((".md", "tables.pdf"))]
+    return (f"**{report_title(report)}**\n\n{len(report.runs)} runs summarised "
+            f"({len(report.scores)} cells), their ids in "
+            f"`{report_file(report, 'runs')}.json`. "
+            + (f"Start with {' and '.join(look)}." if look else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -751,6 +751,51 @@ def phase1_trained_once(locks: StudyLocks, cfg: RunConfig) -> Iterator[None]:
         yield
 
 
+TRIALS_TABLE = "trials.json"  # one row per trial (MLflow's table view)
+TRIALS_CSV = "trials.csv"  # the same rows as CSV
+
+
+def study_description(spec: StudySpec, target: int) -> str:
+    """What an experiment holding this study holds (its description, set when it has none)."""
+    cell = resolved_in(spec.config({}), spec.source)
+    return (f"Optuna study {spec.name} from {spec.source}: {target} trials of {cell_label(cell)} "
+            f"seed {cell.seed} over {', '.join(spec.space)}, maximizing validation BAC. The run "
+            f"study-{spec.name} (tag {TAG_ROLE}=study) holds the spec, a table of the trials and "
+            f"the best configuration; the trials (tag {TAG_ROLE}=trial) are nested under it and "
+            f"never see the test set; the best configuration's test evaluation is tagged "
+            f"{TAG_ROLE}=final.")
+
+
+def log_trials_summary(parent: tracking.TrackedRun, spec: StudySpec, study, target: int,
+                       path: str | Path, final_run: str, final_metrics: dict) -> None:
+    """The table of every trial (number, state, parameters, validation BAC, run) and the
+    parent's description; a later end of the study replaces both."""
+    import pandas as pd
+
+    runs = {}  # trial number -> its newest run (a trial's run exists once it started)
+    for run in tracking.find_runs(parent.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
+                                                     f"tags.{TAG_ROLE} = 'trial'", RUN_STATES):
+        runs.setdefault(run.data.tags.get(TAG_TRIAL), run.info.run_id)
+    rows = [{"trial": t.number, "state": t.state.name,
+             **{name: t.params.get(name) for name in spec.space},
+             schema.VAL_BAC: t.value, "run_id": runs.get(str(t.number), "")}
+            for t in study.get_trials(deepcopy=False)]
+    parent.log_table(pd.DataFrame(rows), TRIALS_TABLE)
+    parent.log_text(_csv(rows), TRIALS_CSV)
+    best = study.best_trial
+    states = [row["state"] for row in rows]
+    params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+    test_bac = final_metrics.get(schema.test("bac"))
+    text = (f"Study **{spec.name}** from `{path}`: {states.count('COMPLETE')} of {target} "
+            f"trials completed ({states.count('PRUNED')} pruned, {states.count('FAIL')} "
+            f"failed). Best: trial {best.number} ({params}), validation BAC "
+            f"{best.value:.4f}" + (f"; on test BAC {test_bac:.4f}" if test_bac is not None
+                                   else "") +
+            f" ([run]({tracking.run_link(final_run)})). Every trial: `{TRIALS_TABLE}` (also "
+            f"`{TRIALS_CSV}`); the spec: `{SPEC_ARTIFACT}`.")
+    tracking.set_run_tags(parent.run_id, {tracking.NOTE: text})
+
+
 def run_study(path: str | Path, storage: str | None = None, trials: int | None = None,
               progress: bool = True) -> dict:
     """Run (or continue) a study until it holds ``trials`` completed trials, every trial a
@@ -776,6 +821,7 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
     spec.check()  # a bad cell or range fails before anything is created
     storage_url = storage or spec.storage
     locks = StudyLocks(storage_url, spec.name)
+    experiment = tracking.logging_experiment(spec.experiment)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with contextlib.ExitStack() as stack:
@@ -785,13 +831,13 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                                         storage=make_storage(storage_url), sampler=sampler,
                                         pruner=pruner, direction="maximize",
                                         load_if_exists=True)
-            parents = tracking.find_runs(spec.experiment,
-                                         f"tags.{TAG_STUDY} = '{spec.name}' and "
-                                         f"tags.{TAG_ROLE} = 'study'",
-                                         statuses=("FINISHED", "FAILED", "KILLED", "RUNNING"))
+            parents = tracking.find_runs(experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
+                                                     f"tags.{TAG_ROLE} = 'study'", RUN_STATES)
             parent = stack.enter_context(tracking.TrackedRun(
                 spec.experiment, f"study-{spec.name}", {TAG_STUDY: spec.name, TAG_ROLE: "study"},
-                resume_run_id=parents[0].info.run_id if parents else None))
+                resume_run_id=parents[0].info.run_id if parents else None,
+                experiment_description=study_description(spec, target)))
+            parent.log_text(Path(path).read_text(), SPEC_ARTIFACT)
             if not parents:
                 parent.log_params({"study": spec.name, "trials": target, "cell": spec.cell,
                                    "search_space": spec.space, "sampler": spec.sampler,
@@ -883,9 +929,9 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
         parent.set_tags({f"best.{k}": str(v) for k, v in best.params.items()}
                         | {"best.trial": str(best.number)})
         with locks.final():  # the test set is seen once, whichever process gets here first
-            finals = tracking.find_runs(spec.experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
-                                        f"tags.{TAG_ROLE} = 'final' and "
-                                        f"tags.`best.trial` = '{best.number}'")
+            finals = tracking.find_runs(experiment, f"tags.{TAG_STUDY} = '{spec.name}' and "
+                                    f"tags.{TAG_ROLE} = 'final' and "
+                                    f"tags.`best.trial` = '{best.number}'")
             if finals:
                 final_run, final_metrics = finals[0].info.run_id, finals[0].data.metrics
             else:
@@ -894,6 +940,9 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
                                         "best.trial": str(best.number)},
                                   run_name=f"best-trial-{best.number}-on-test")
                 final_run, final_metrics = result["run_id"], result["metrics"]
+            # Under the lock, so that the last table written is the one read last (the most
+            # complete), however many processes end the study.
+            log_trials_summary(parent, spec, study, target, path, final_run, final_metrics)
         parent.log_metrics({f"final/{k}": v for k, v in final_metrics.items()
                             if k.startswith("test/")})
     return {"study": spec.name, "experiment": spec.experiment, "completed": completed(),

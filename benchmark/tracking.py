@@ -556,10 +556,15 @@ def finished_runs(experiment_names: list[str]):
 
 
 def log_report(experiment: str, files: dict[str, list[Path]], params: dict[str, Any],
-               tags: dict[str, str]) -> str:
+               tags: dict[str, str], run_name: str = "report", description: str = "",
+               experiment_description: str | None = None) -> str:
     """One run in ``experiment`` holding a report's files as artifacts (``{artifact folder:
-    files}``); it ends FINISHED only once every file is logged.  Returns its id."""
-    with TrackedRun(experiment, "report", tags) as run:
+    files}``, the folder "" for the root); it ends FINISHED only once every file is logged.
+    ``description``: the run's note.  Returns its id."""
+    with TrackedRun(experiment, run_name, tags,
+                    experiment_description=experiment_description) as run:
+        if description:
+            run.describe(description)
         run.log_params(params)
         for folder, paths in files.items():
             for path in paths:

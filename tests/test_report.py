@@ -1,6 +1,7 @@
 """The report generator on real runs: aggregates, paper layouts, formats, figures, report run."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -21,6 +22,11 @@ SCORE_METRICS = {"BAC": "test/bac", "GM": "test/gm_macro", "FM": "test/f1_macro"
 SETTING = "digits-resnet32-exp-r10"
 SETTING_TITLE = "digits, resnet32, exp profile, ratio 10"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PDF_MAGIC = b"%PDF"
+HAS_PDFLATEX = shutil.which("pdflatex") is not None
+# Runs that look like cells (phase-1 key, test scores) but are parents or reports.
+NOT_A_CELL = "not-a-cell"
+NOT_CELL_TAGS = ({"grid_role": "parent"}, {"study_role": "study"}, {"study_role": "report"})
 
 # Tiny grids named after the paper tables, so that they get the paper layouts.  Every cell
 # shares its phase 1 with the runs made before (same data, backbone, loss, epochs, seed), but
@@ -52,8 +58,9 @@ TABLE2_SPEC = f"""
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One store for the module: none and eos on digits, seeds 0 and 1, plus eos with K=3 on
-    seed 0 under a study's parent run (phase 1 is trained once per seed and reused) and a
-    tuning trial with K=4, which is no cell; the grids
+    seed 0 under a study's parent run (phase 1 is trained once per seed and reused), a
+    tuning trial with K=4 and three runs with the phase-1 key and a test score but the tags
+    of a grid's parent, a study's parent and a report, which are no cells; the grids
     table4 (eos with K 3 and 5, two seeds) plus a stray K=7 run that is no cell of it, and
     table2 (none and eos; ce on two seeds, focal on one; runtimes against none)."""
     import mlflow
@@ -73,7 +80,8 @@ def store(tmp_path_factory):
                 **method_params) -> None:
             run_cell(RunConfig(dataset="digits", method=method, seed=seed, epochs=1,
                                head_epochs=1, method_params=method_params,
-                               experiment=experiment), progress=False,
+                               experiment=experiment, log_model=False,
+                               system_metrics=False), progress=False,
                      evaluate_test=not trial, tags={"study_role": "trial"} if trial else None)
 
         for seed in (0, 1):
@@ -84,6 +92,11 @@ def store(tmp_path_factory):
             mlflow.log_params({"method": "eos", "dataset": "digits"})
             run("eos", 0, k_neighbors=3)
         run("eos", 0, trial=True, k_neighbors=4)  # a tuning trial: no test scores, no cell
+        for tags in NOT_CELL_TAGS:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=NOT_A_CELL,
+                                  tags={"phase1_key": "x", **tags}):
+                mlflow.log_params({"method": "eos", "dataset": "digits", "seed": 0})
+                mlflow.log_metric("test/bac", 0.99)
         specs = {}
         for name, text in (("table4", TABLE4_SPEC), ("table2", TABLE2_SPEC)):
             specs[name] = folder / f"{name}.yaml"
@@ -105,7 +118,8 @@ def search(experiment: str, filter_string: str = "") -> pd.DataFrame:
 def direct_runs(store):
     """The cells straight from mlflow.search_runs, labelled by method column."""
     runs = search(EXPERIMENT)
-    runs = runs[runs["metrics.test/bac"].notna()].copy()
+    runs = runs[runs["metrics.test/bac"].notna()
+                & (runs["tags.mlflow.runName"] != NOT_A_CELL)].copy()
     k = runs["params.method.k_neighbors"]
     runs["label"] = runs["params.method"].where(k.isna(), runs["params.method"] + " (K=" + k + ")")
     return runs
@@ -158,14 +172,21 @@ def runtime_titles(header: list[str], reference: str = "eos") -> None:
     assert phases == ["Phase 1", "Phase 2", "Resampling", "Phase 3"]
 
 
+def shown(fraction: float, digits: int = 1) -> str:
+    """A score as the tables show it: in percent."""
+    return f"{100 * fraction:.{digits}f}"
+
+
 def expected_best(direct_runs, metric: str) -> str:
-    means = direct_runs.groupby("label")[f"metrics.{metric}"].mean().round(4)
-    return f"{means.max():.4f}"
+    means = direct_runs.groupby("label")[f"metrics.{metric}"].mean()
+    return f"{(100 * means).round(1).max():.1f}"
 
 
 def test_aggregates_match_mlflow(built, loss_label, direct_runs):
-    # Neither the study's parent run nor the tuning trial is a cell.
+    # Neither the study's parent run, the tuning trial, nor the runs tagged as a grid's or
+    # study's parent or a report are cells.
     assert len(direct_runs) == 5 and len(built.runs) == 5
+    assert set(built.runs["run_id"]) == set(direct_runs["run_id"])
     cells = built.scores.droplevel([k for k in report.CELL_KEYS
                                     if k not in ("loss_label", "method_label")])
     assert set(cells.index) == {(loss_label, m) for m in ("none", "eos", "eos (K=3)")}
@@ -185,8 +206,12 @@ def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--no-log"]) == 0
     scores = (tmp_path / f"scores-{SETTING}.tex").read_text()
     for text in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule", "report\\_tests",
-                 "{none}", "{eos}", "{eos (K=3)}", "\nce", "macro geometric mean"):
+                 "{none}", "{eos}", "{eos (K=3)}", "\nce", "macro geometric mean",
+                 "Scores in percent"):
         assert text in scores
+    # Nothing shrunk, and captions in words: no raw metric or parameter names.
+    for text in ("resizebox", "test/", "gm\\_macro", "k\\_neighbors", "device\\_used"):
+        assert text not in scores
     for metric in SCORE_METRICS.values():
         assert rf"\textbf{{{expected_best(direct_runs, metric)}}}" in scores
     runtime = (tmp_path / f"runtime-{SETTING}.tex").read_text()
@@ -196,10 +221,16 @@ def test_latex_tables_and_default_outputs(store, direct_runs, tmp_path):
     assert "& eos & " in runtime and "& none & " in runtime
     # The default format is all: markdown and CSV copies too, the recall figure, and a K
     # figure: every eos run logs the K in force, so K=3 and the default K=10 make a curve.
+    # Figures as PNG and PDF, the summarised runs, and the PDF of the tables with pdflatex.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         f"scores-{SETTING}.tex", f"scores-{SETTING}.csv", f"runtime-{SETTING}.tex",
-        f"runtime-{SETTING}.csv", "scores.csv", "runtime.csv", "report.md",
-        f"recall-{SETTING}.png", f"k-sensitivity-{SETTING}.png"])
+        f"runtime-{SETTING}.csv", "scores.csv", "runtime.csv", "report.md", "runs.json",
+        f"recall-{SETTING}.png", f"k-sensitivity-{SETTING}.png", f"recall-{SETTING}.pdf",
+        f"k-sensitivity-{SETTING}.pdf"] + (["tables.pdf"] if HAS_PDFLATEX else []))
+    listed = json.loads((tmp_path / "runs.json").read_text())
+    assert listed["count"] == 5
+    assert {run["run_id"] for run in listed["runs"]} == set(direct_runs["run_id"])
+    assert {run["experiment"] for run in listed["runs"]} == {EXPERIMENT}
 
 
 def test_mlproject_default_means_not_given(store, tmp_path):
@@ -213,11 +244,17 @@ def test_markdown_prints_the_same_numbers_and_writes_them(store, direct_runs, ca
                         str(tmp_path), "--no-log"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "report.md").read_text() == out
+    (row,) = markdown_rows(out, f"Scores: {SETTING_TITLE}")
+    header = markdown_header(out, f"Scores: {SETTING_TITLE}")
+    cells = dict(zip(header, row))
     for label, runs in direct_runs.groupby("label"):
-        for metric in SCORE_METRICS.values():
-            assert f"{runs[f'metrics.{metric}'].mean():.4f}" in out
-        if len(runs) > 1:
-            assert f"{runs['metrics.test/bac'].std(ddof=1):.4f}" in out
+        for title, metric in SCORE_METRICS.items():
+            mean = shown(runs[f"metrics.{metric}"].mean())
+            if len(runs) > 1:
+                std = shown(runs[f"metrics.{metric}"].std(ddof=1))
+                assert cells[f"{label} {title}"] == f"{mean} ± {std}"
+            else:  # a single seed: the mean alone
+                assert cells[f"{label} {title}"] == mean
     assert f"**{expected_best(direct_runs, 'test/bac')}**" in out
     runtime_header = next(line for line in out.splitlines() if "Method" in line)
     runtime_titles([c.strip() for c in runtime_header.strip("|").split("|")])
@@ -230,7 +267,7 @@ def test_gm_form_selects_the_metric(store, direct_runs, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "the geometric mean of the per-class recalls" in out
     for _, runs in direct_runs.groupby("label"):
-        assert f"{runs['metrics.test/gm'].mean():.4f}" in out
+        assert shown(runs['metrics.test/gm'].mean()) in out
 
 
 def test_runtime_table(built, loss_label, direct_runs):
@@ -324,7 +361,9 @@ def test_table4_layout_rows_are_k(store, table4_out):
             assert row[f"{title} mean"] == pytest.approx(of_k[f"metrics.{metric}"].mean())
             assert row[f"{title} std"] == pytest.approx(of_k[f"metrics.{metric}"].std(ddof=1))
     tex = (table4_out / "table4.tex").read_text()
-    assert "K & BAC & GM & FM & $n$ \\\\" in tex and "Table IV" in tex
+    # Every row has two seeds: n goes to the caption, once.
+    assert "K & BAC & GM & FM \\\\" in tex and "$n$" not in tex and "Table IV" in tex
+    assert "over the 2 seeds of each cell" in tex
     assert "\n3 & " in tex and "\n5 & " in tex and "\n7 & " not in tex
 
 
@@ -353,12 +392,19 @@ def test_table2_layout_rows_are_dataset_and_loss(store, table2_out):
     assert "& Total & vs none & $n$" in runtime and "vs eos" not in runtime
 
 
+def markdown_lines(text: str, heading: str) -> list[list[str]]:
+    block = text.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in block.splitlines() if line.startswith("|")]
+
+
 def markdown_rows(text: str, heading: str) -> list[list[str]]:
     """The body rows of the markdown table under ``heading``, cells without bold marks."""
-    block = text.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
-    lines = [line for line in block.splitlines() if line.startswith("|")][2:]
-    return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")]
-            for line in lines]
+    return [[cell.replace("**", "") for cell in row] for row in markdown_lines(text, heading)[2:]]
+
+
+def markdown_header(text: str, heading: str) -> list[str]:
+    return markdown_lines(text, heading)[0]
 
 
 def test_markdown_and_csv_copies_show_the_same_numbers(table2_out):
@@ -370,29 +416,51 @@ def test_markdown_and_csv_copies_show_the_same_numbers(table2_out):
         for method in ("none", "eos"):
             for title in SCORE_METRICS:
                 std = row[f"{method} {title} std"]
-                expected.append(f"{row[f'{method} {title} mean']:.4f} ± "
-                                + ("-" if math.isnan(std) else f"{std:.4f}"))
+                mean = shown(row[f"{method} {title} mean"])
+                expected.append(mean if math.isnan(std) else f"{mean} ± {shown(std)}")
             expected.append(str(row[f"{method} n"]))
         assert cells == expected
 
 
-def test_figures_are_written_and_logged_with_the_report_run(store, table4_out):
+def test_report_run_is_apart_and_holds_the_files_flat(store, table4_out):
     import mlflow
 
-    figures = {f"table4-k-sensitivity-{SETTING}.png", f"table4-recall-{SETTING}.png"}
-    for name in figures:
-        assert (table4_out / name).read_bytes().startswith(PNG_MAGIC)
-    reports = search(K_EXPERIMENT, "tags.study_role = 'report'")
-    (run_id,) = reports["run_id"]
+    stems = (f"table4-k-sensitivity-{SETTING}", f"table4-recall-{SETTING}")
+    for stem in stems:
+        assert (table4_out / f"{stem}.png").read_bytes().startswith(PNG_MAGIC)
+        assert (table4_out / f"{stem}.pdf").read_bytes().startswith(PDF_MAGIC)
+    # The report run has an experiment of its own, never among the cells.
+    assert search(K_EXPERIMENT, "tags.study_role = 'report'").empty
+    experiment = mlflow.get_experiment_by_name(report.REPORT_EXPERIMENT)
+    assert experiment.tags["mlflow.note.content"] == report.REPORTS_DESCRIPTION
+    (run_id,) = search(report.REPORT_EXPERIMENT)["run_id"]
     run = mlflow.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["layout"] == "table4"
-    assert "grid" not in run.data.tags  # that tag marks a grid's cells
+    assert run.info.status == "FINISHED" and run.info.run_name == "report table4"
+    assert run.data.params["layout"] == "table4" and run.data.params["digits"] == "1"
+    assert run.data.tags["study_role"] == "report" and "grid" not in run.data.tags
+    assert "table4.md" in run.data.tags["mlflow.note.content"]
+    # Every file of the report, flat at the artifact root as on disk.
     client = mlflow.MlflowClient()
-    assert {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "figures")} == figures
-    tables = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "tables")}
-    assert {"table4.tex", "table4.csv", "table4.md", f"table4-runtime-{SETTING}.tex"} <= tables
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    assert logged == {p.name for p in table4_out.iterdir()}
+    assert {"table4.tex", "table4.csv", "table4.md", "table4-runs.json",
+            f"table4-runtime-{SETTING}.tex"} <= logged
+    if HAS_PDFLATEX:
+        assert "table4-tables.pdf" in logged
+    # The markdown's links (figures, PDF, run list) name files next to it, there and here.
+    markdown = (table4_out / "table4.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", markdown)
+    assert f"{stems[1]}.png" in links and "table4-runs.json" in links
+    assert set(links) <= logged
+    # The ids of the runs it summarised: the grid's cells, as many as the `runs` parameter.
+    listed = json.loads((table4_out / "table4-runs.json").read_text())
+    cells = grid_cell_runs(store, "table4")
+    assert {r["run_id"] for r in listed["runs"]} == set(cells["run_id"])
+    assert listed["count"] == len(cells) == int(run.data.params["runs"])
+    assert {(r["cell"], r["seed"]) for r in listed["runs"]} == set(
+        zip(cells["tags.cell"], cells["params.seed"].astype(int)))
     # The report run is never a cell, in this report or the next.
-    assert run_id not in set(report.gather_runs([K_EXPERIMENT])["run_id"])
+    assert run_id not in set(report.gather_runs(None)["run_id"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -400,6 +468,8 @@ def test_figures_are_written_and_logged_with_the_report_run(store, table4_out):
     (["--experiment", "missing"], "error: unknown experiment 'missing'"),
     (["--experiment", EXPERIMENT, "--format", "pdf"], "error: unknown format 'pdf'"),
     (["--experiment", EXPERIMENT, "--gm", "mean"], "error: unknown GM form 'mean'"),
+    (["--experiment", EXPERIMENT, "--digits", "1.5"],
+     "error: --digits must be a whole number from 0 to 6, not '1.5'"),
     (["--grid", "no-such-spec.yaml"], "error: spec file not found: no-such-spec.yaml"),
     (["--grid", "{table2}", "--experiment", EXPERIMENT],
      "error: no finished run of grid 'table2' (6 cells) in experiment 'report_tests'"),
@@ -412,21 +482,38 @@ def test_errors_are_one_line(store, capsys, tmp_path, argv, message):
     assert not list(tmp_path.iterdir())
 
 
+def test_no_option_reports_every_experiment_with_cells(store, tmp_path, capsys):
+    assert report.main(["--out", str(tmp_path), "--format", "markdown", "--no-log"]) == 0
+    out = capsys.readouterr().out
+    # Not `empty`, nor the reports' own experiment.
+    assert "MLflow experiments: grid_k, grid_table2, report_tests." in out
+    cells = pd.concat([search(name) for name in (EXPERIMENT, K_EXPERIMENT, TABLE2_EXPERIMENT)])
+    cells = cells[cells["metrics.test/bac"].notna() & (cells["tags.mlflow.runName"] != NOT_A_CELL)]
+    # Experiments with one setting share cells: the latest run of each cell and seed counts.
+    latest = cells.sort_values("start_time").drop_duplicates(["tags.cell", "params.seed"],
+                                                             keep="last")
+    assert len(latest) < len(cells)
+    listed = json.loads((tmp_path / "runs.json").read_text())
+    assert {run["run_id"] for run in listed["runs"]} == set(latest["run_id"])
+
+
 def test_latex_escape():
     assert report.latex_escape("a_b & 50% {x}") == r"a\_b \& 50\% \{x\}"
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+@pytest.mark.skipif(not HAS_PDFLATEX, reason="pdflatex is not installed")
 def test_latex_compiles(store, table2_out, table4_out, tmp_path):
     assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--format",
                         "latex", "--no-log"]) == 0
+    assert (tmp_path / "tables.pdf").read_bytes().startswith(PDF_MAGIC)
     for folder in (table2_out, table4_out):
         for path in folder.glob("*.tex"):
             shutil.copy(path, tmp_path)
     inputs = "\n".join(rf"\input{{{path.name}}}" for path in sorted(tmp_path.glob("*.tex")))
     assert inputs.count(r"\input") == 6
+    # Booktabs is all a paper needs.
     (tmp_path / "doc.tex").write_text(
-        "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+        "\\documentclass{article}\n\\usepackage{booktabs}\n"
         f"\\begin{{document}}\n{inputs}\n\\end{{document}}\n")
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -479,14 +566,17 @@ def test_table1_layout_groups_rows_and_puts_datasets_in_columns(tmp_path):
                                  ("embedding space", "smote"), ("embedding space", "eos")]
     assert list(dict.fromkeys(frame.columns.get_level_values(0))) == [
         "cifar10", "svhn", "cifar100", "celeba"]
-    assert list(frame.columns.get_level_values(1)[:4]) == ["BAC", "GM", "FM", "n"]
-    std = f"{pd.Series([0.8, 0.81]).std(ddof=1):.4f}"
+    # Every cell has two seeds: no n column, the caption says it once.
+    assert list(frame.columns.get_level_values(1)[:4]) == ["BAC", "GM", "FM", "BAC"]
+    assert table.constant_n == 2
+    std = shown(pd.Series([0.8, 0.81]).std(ddof=1))
+    assert std == "0.7"
     # The best mean per column (among methods) in bold: eos, but remix on celeba.
-    assert frame.loc[("embedding space", "eos"), ("cifar10", "BAC")] == f"**0.8050** ± {std}"
-    assert frame.loc[("pixel space", "remix"), ("celeba", "BAC")] == f"**0.9050** ± {std}"
-    assert frame.loc[("embedding space", "eos"), ("celeba", "BAC")] == f"0.8050 ± {std}"
-    assert frame.loc[("pixel space", "remix"), ("cifar10", "n")] == "2"
-    caption = table.caption(report.MARKDOWN)
+    assert frame.loc[("embedding space", "eos"), ("cifar10", "BAC")] == f"**80.5** ± {std}"
+    assert frame.loc[("pixel space", "remix"), ("celeba", "BAC")] == f"**90.5** ± {std}"
+    assert frame.loc[("embedding space", "eos"), ("celeba", "BAC")] == f"80.5 ± {std}"
+    caption = table.caption_text(report.MARKDOWN)
+    assert "Scores in percent: mean ± standard deviation over the 2 seeds of each cell." in caption
     assert table.title == "Table I: over-sampling in pixel vs embedding space: loss ce"
     # Backbone, profile and ratio always; a training setting where datasets differ in it.
     assert ("Settings per dataset: cifar10: resnet32, exp profile, ratio 100, epochs 10; svhn: "
@@ -495,15 +585,24 @@ def test_table1_layout_groups_rows_and_puts_datasets_in_columns(tmp_path):
     assert "Best mean per column in bold" in caption
     written, _ = report.write_report(built, tmp_path, ("latex",))
     tex = (tmp_path / "table1.tex").read_text()
-    assert r"\multicolumn{4}{c}{cifar10} & \multicolumn{4}{c}{svhn}" in tex
-    assert "Group & Method & BAC & GM & FM & $n$ & BAC" in tex
+    # Four datasets x three scores do not fit a page: two tables of two datasets each, in
+    # one file, the bold marks of the whole.
+    assert tex.count(r"\begin{table}") == 2 and "resizebox" not in tex
+    first, second = tex.split(r"\end{table}")[:2]
+    assert r"\multicolumn{3}{c}{cifar10} & \multicolumn{3}{c}{svhn}" in first
+    assert r"\multicolumn{3}{c}{cifar100} & \multicolumn{3}{c}{celeba}" in second
+    assert "loss ce (part 1 of 2)." in first and r"\label{tab:table1-2}" in second
+    assert r"\textbf{90.5} $\pm$ 0.7" in second and r"\textbf{90.5}" not in first
+    assert "Group & Method & BAC & GM & FM & BAC & GM & FM \\\\" in tex
     assert "\npixel space & pre-smote & " in tex and "\n & remix & " in tex
     assert "\\midrule\nembedding space & smote & " in tex
-    # One runtime table per setting, every method's total against eos's.
+    # One runtime table per setting, every method's total against eos's; the run list, and
+    # the tables' PDF where pdflatex exists.
     assert sorted(p.name for p in written) == sorted(
-        ["table1.tex"] + [f"table1-runtime-{d}-{'resnet56' if d == 'celeba' else 'resnet32'}"
-                          f"-exp-r{r}.tex" for d, r in (("cifar10", 100), ("svhn", 100),
-                                                        ("cifar100", 10), ("celeba", 40))])
+        ["table1.tex", "table1-runs.json"] + (["table1-tables.pdf"] if HAS_PDFLATEX else [])
+        + [f"table1-runtime-{d}-{'resnet56' if d == 'celeba' else 'resnet32'}"
+           f"-exp-r{r}.tex" for d, r in (("cifar10", 100), ("svhn", 100),
+                                         ("cifar100", 10), ("celeba", 40))])
 
 
 def test_table1_without_groups_has_a_row_per_method():
@@ -563,6 +662,89 @@ def test_runtime_columns_are_the_stages_the_runs_logged():
     assert list(second["Total"]) == ["13.00", "12.00"]
 
 
+SCORES = {"test/gm_macro": 0.7, "test/f1_macro": 0.6}
+
+
+def test_scores_in_percent_with_digits_and_a_single_seed_shows_its_mean():
+    runs = synthetic_runs([
+        {"dataset": "cifar10", "method": "smote", "seed": 0, "test/bac": 0.80, **SCORES},
+        {"dataset": "cifar10", "method": "smote", "seed": 1, "test/bac": 0.81, **SCORES},
+        {"dataset": "cifar10", "method": "eos", "seed": 0, "test/bac": 0.90, **SCORES}])
+    for digits, smote, eos in ((1, "80.5 ± 0.7", "**90.0**"), (2, "80.50 ± 0.71", "**90.00**")):
+        built = report.Report.build(runs, ["synthetic"], "macro", digits=digits)
+        (table,) = built.score_tables()
+        frame = report.text_frame(table, report.MARKDOWN)
+        assert frame.loc["ce", ("smote", "BAC")] == smote
+        assert frame.loc["ce", ("eos", "BAC")] == eos
+        # The counts differ, so each cell shows its own.
+        assert frame.loc["ce", ("smote", "n")] == "2" and frame.loc["ce", ("eos", "n")] == "1"
+    assert "(the mean alone for a single seed); n: number of seeds" in table.caption_text(
+        report.MARKDOWN)
+    latex = report.latex_text(table)
+    assert r"\textbf{90.00} & " in latex and r"80.50 $\pm$ 0.71" in latex
+
+
+def test_wide_tables_split_by_column_group_in_latex_only():
+    methods = ("adasyn", "bsmote", "none", "smote", "eos")
+    runs = synthetic_runs([{"dataset": "cifar10", "method": method, "seed": seed,
+                            "test/bac": 0.5 + 0.1 * rank, **SCORES}
+                           for rank, method in enumerate(methods) for seed in (0, 1)])
+    (table,) = report.Report.build(runs, ["synthetic"], "macro").score_tables()
+    # Five methods x three scores (n is constant): parts of at most eight columns.
+    parts = report.latex_parts(table)
+    assert [list(dict.fromkeys(c.group for c in part.shown_columns())) for part in parts] == [
+        ["adasyn", "bsmote"], ["none", "smote"], ["eos"]]
+    tex = report.latex_text(table)
+    assert tex.count(r"\begin{table}") == 3 and "resizebox" not in tex
+    specs = re.findall(r"\\begin\{tabular\}\{(\w+)\}", tex)
+    assert specs == ["lcccccc", "lcccccc", "lccc"]
+    assert r"\textbf{90.0}" in tex.split(r"\end{table}")[2]  # eos, best of the whole row
+    # Markdown has no page to fit: one table.
+    frame = report.text_frame(table, report.MARKDOWN)
+    assert list(dict.fromkeys(frame.columns.get_level_values(0))) == list(methods)
+
+
+def test_recall_figure_has_error_bars_and_an_axis_fitted_to_the_data():
+    from matplotlib.container import ErrorbarContainer
+
+    runs = synthetic_runs([
+        {"dataset": "cifar10", "method": method, "seed": seed, "test/bac": 0.8, **SCORES,
+         "train_class_counts": "[10, 50, 100]", "class/recall_0": 0.60 + 0.05 * seed,
+         "class/recall_1": 0.80, "class/recall_2": 0.95 + 0.01 * seed}
+        for method in ("smote", "eos") for seed in (0, 1)])
+    built = report.Report.build(runs, ["synthetic"], "macro")
+    (piece,) = built.settings()
+    order, counts, by_loss = report.recall_by_class(built.runs, piece, built.orders)
+    assert order == [2, 1, 0] and counts == [100, 50, 10]  # the largest class first
+    smallest = by_loss["ce"]["eos"][-1]
+    assert smallest.mean == pytest.approx(0.625) and smallest.std == pytest.approx(
+        pd.Series([0.60, 0.65]).std(ddof=1))
+    fig = report.recall_figure(order, counts, by_loss, "Per-class test recall: cifar10")
+    try:
+        (ax,) = fig.axes
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 2 and all(c.has_yerr for c in bars)
+        # Percent, from the lowest mean less its deviation to the highest plus its own.
+        low = 62.5 - 100 * smallest.std
+        high = 95.5 + 100 * pd.Series([0.95, 0.96]).std(ddof=1)
+        margin = 0.05 * (high - low)
+        assert ax.get_ylim() == pytest.approx((low - margin, high + margin))
+        assert fig.get_suptitle().startswith("Per-class test recall: cifar10\n")
+    finally:
+        report.pyplot().close(fig)
+    assert report.fitted_limits([90.0], [104.0]) == (89.5, 100.5)  # never past 100%
+
+
+def test_without_pdflatex_the_pdf_is_left_out_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    built = report.Report.build(table1_runs(), ["synthetic"], "macro")
+    written, _ = report.write_report(built, tmp_path, ("latex",))
+    assert capsys.readouterr().err == (
+        "note: pdflatex not found: the tables are not compiled into a PDF (the .tex files "
+        "are written)\n")
+    assert not list(tmp_path.glob("*.pdf")) and len(list(tmp_path.glob("*.tex"))) == 8
+
+
 def write_spec(folder, text: str):
     path = folder / "table1.yaml"
     path.write_text(textwrap.dedent(text))
@@ -608,6 +790,18 @@ def test_bad_reference_or_groups_are_one_line_errors(mlflow_store, tmp_path, cap
     assert report.main(["--grid", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {path}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_option_on_a_store_without_cells_is_a_one_line_error(mlflow_store, tmp_path,
+                                                               capsys):
+    import mlflow
+
+    mlflow.create_experiment("empty")
+    assert report.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no finished runs in any experiment of {mlflow_store} "
+                          f"(Default, empty)") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

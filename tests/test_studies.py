@@ -1,4 +1,5 @@
 """Grids (only missing cells, shared phase 1) and Optuna studies (resumable, nested runs)."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-from benchmark import pipeline, studies
+from benchmark import pipeline, schema, studies, tracking
 from benchmark.__main__ import main
 from benchmark.errors import UserError
 from benchmark.registry import METHODS
@@ -25,6 +26,34 @@ def runs_in(experiment):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+def grid_parents(experiment):
+    return [r for r in runs_in(experiment) if r.data.tags.get("grid_role") == "parent"]
+
+
+def artifact(run, path):
+    return mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{path}")
+
+
+def summary_rows(run, name=studies.SUMMARY_TABLE):
+    """A grid's (or a study's) summary table as the UI reads it: MLflow's table JSON."""
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{name}")
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def history(run, metric):
+    return [(m.step, m.value) for m in sorted(
+        mlflow.MlflowClient().get_metric_history(run.info.run_id, metric),
+        key=lambda m: (m.timestamp, m.step))]
+
+
+def fake_run_cell(cfg, *, progress=True, tags=None, **kwargs):
+    """A cell's run in milliseconds: its tags and test scores, nothing trained."""
+    with tracking.TrackedRun(cfg.experiment, f"fake-{cfg.method}-s{cfg.seed}", tags) as run:
+        metrics = {schema.test(score): 0.5 + cfg.seed / 10 for score in schema.TEST_SCORES}
+        run.log_metrics(metrics)
+    return {"run_id": run.run_id, "metrics": metrics, "phase1_reused": True}
+
+
 def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store, tmp_path):
     spec = write(tmp_path, "grid.yaml", """
         name: tiny
@@ -37,12 +66,54 @@ def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store
     """)
     counts = studies.run_grid(spec, progress=False)
     assert counts["ran"] == 6 and counts["phase1_trained"] == 2 and counts["failed"] == 0
-    finished = [r for r in runs_in("tiny-grid") if r.info.status == "FINISHED"]
-    assert len(finished) == 6
-    assert len({r.data.tags["phase1_run_id"] for r in finished}) == 2
+    (parent,) = grid_parents("tiny-grid")
+    cells = [r for r in runs_in("tiny-grid") if r.data.tags.get("grid_role") == "cell"]
+    assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
+    assert len({r.data.tags["phase1_run_id"] for r in cells}) == 2
+    # The parent: named after the grid, its cells nested under it, the spec and cells with it.
+    assert counts["parent_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "tiny" and parent.data.tags["grid"] == "tiny"
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in cells)
+    assert artifact(parent, "spec.yaml") == spec.read_text()
+    listed = artifact(parent, "cells.csv").splitlines()
+    assert listed[0].startswith("cell,seed,cell_key,") and len(listed) == 7
+    assert {r.data.tags["cell_key"] for r in cells} == {line.split(",")[2] for line in listed[1:]}
+    # Progress at every cell, the step counting the cells processed.
+    assert history(parent, "grid/cells_done") == [(n, n) for n in range(7)]
+    assert history(parent, "grid/cells_failed") == [(n, 0) for n in range(7)]
+    assert history(parent, "grid/cells_total")[-1] == (6, 6)
+    # The summary: one row per cell with its run and test scores, shown by the UI as a table.
+    rows = summary_rows(parent)
+    by_run = {r.info.run_id: r for r in cells}
+    assert sorted(row["run_id"] for row in rows) == sorted(by_run)
+    for row in rows:
+        run = by_run[row["run_id"]]
+        assert row["status"] == "FINISHED" and row["when"] == "now"
+        assert row["seed"] == int(run.data.params["seed"]) and row["cell"].startswith("digits/")
+        assert row["test/bac"] == pytest.approx(run.data.metrics["test/bac"])
+    assert {"path": "grid_summary.json", "type": "table"} in \
+        json.loads(parent.data.tags["mlflow.loggedArtifacts"])
+    assert artifact(parent, "grid_summary.csv").count("\n") == 7
+    assert "6 cells, 6 finished" in parent.data.tags["mlflow.note.content"]
+    experiment = mlflow.get_experiment_by_name("tiny-grid")
+    assert experiment.tags["mlflow.note.content"].startswith(
+        f"Grid tiny from {spec}: 6 cells (datasets digits; losses ce; methods none, smote, eos;")
+
+    # Again: nothing runs, no second parent; the same parent counts and lists the six cells.
+    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.note.content",
+                                             "my own words")
     again = studies.run_grid(spec, progress=False)
     assert again["ran"] == 0 and again["already_finished"] == 6
-    assert len(runs_in("tiny-grid")) == 6
+    assert again["parent_run_id"] == parent.info.run_id
+    assert len(runs_in("tiny-grid")) == 7
+    (parent,) = grid_parents("tiny-grid")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["grid/cells_done"] == 6
+    again_rows = summary_rows(parent)  # replaced, not appended to
+    assert sorted((r["cell"], r["seed"], r["run_id"]) for r in again_rows) == \
+        sorted((r["cell"], r["seed"], r["run_id"]) for r in rows)
+    assert {row["when"] for row in again_rows} == {"earlier"}
+    assert mlflow.get_experiment_by_name("tiny-grid").tags["mlflow.note.content"] == \
+        "my own words"
 
 
 def test_grid_parameter_axis_applies_only_to_methods_that_take_it(tmp_path):
@@ -124,6 +195,20 @@ def test_study_survives_a_kill_and_ends_with_exactly_the_requested_trials(
     assert sum(r.data.tags.get("phase1_complete") == "true" for r in runs) == 1
     assert parents[0].data.tags["best.trial"] == str(study.best_trial.number)
     assert parents[0].data.metrics["study/best_val_bac"] == pytest.approx(study.best_value)
+    # The parent carries the spec and a table of every trial, the killed one included.
+    assert artifact(parents[0], "spec.yaml") == spec.read_text()
+    rows = {row["trial"]: row for row in summary_rows(parents[0], studies.TRIALS_TABLE)}
+    assert sorted(rows) == [t.number for t in study.get_trials()]
+    trial_runs = {r.data.tags["optuna_trial"]: r.info.run_id for r in trials}
+    for t in study.get_trials():
+        row = rows[t.number]
+        assert row["state"] == t.state.name and row["k_neighbors"] == t.params.get("k_neighbors")
+        assert row["val/bac"] == (pytest.approx(t.value) if t.value is not None else None)
+        assert row["run_id"] == trial_runs.get(str(t.number), "")
+    assert [row["state"] for row in rows.values()].count("COMPLETE") == 12
+    assert "FAIL" in [row["state"] for row in rows.values()]  # the killed trial
+    assert mlflow.get_experiment_by_name("tiny-tuning").tags["mlflow.note.content"].startswith(
+        f"Optuna study tiny-study from {spec}: 12 trials of digits/")
 
     # Asking again changes nothing: no new trials, no second test evaluation.
     studies.run_study(spec, progress=False)
@@ -209,16 +294,31 @@ def test_grid_records_a_failed_cell_runs_the_others_and_exits_1(mlflow_store, tm
     assert "1 ran ok now" in out and "2 failed" in out
     failed = sorted(line for line in out.splitlines() if line.startswith("  failed: "))
     assert len(failed) == 2
-    assert "digits/ce/eos/resnet32 seed 0: RuntimeError: disk on fire" in failed[0]
-    assert "digits/ce/smote/resnet32 seed 0: RuntimeError: resampler exploded" in failed[1]
-    runs = {r.data.tags["method"]: r for r in runs_in("fragile")}
+    assert "digits/exp10/resnet32/ce/eos seed 0: RuntimeError: disk on fire" in failed[0]
+    assert "digits/exp10/resnet32/ce/smote seed 0: RuntimeError: resampler exploded" in failed[1]
+    (parent,) = grid_parents("fragile")
+    runs = {r.data.tags["method"]: r for r in runs_in("fragile") if r.data.tags.get("method")}
     assert set(runs) == {"none", "smote"}  # eos failed before its run existed
     assert runs["none"].info.status == "FINISHED"
     assert runs["smote"].info.status == "FAILED"
     assert "resampler exploded" in runs["smote"].data.tags["failure_reason"]
-    # Running the grid again retries only the failed cells.
+    # The parent ends FAILED, says how many cells failed and lists them with their runs.
+    assert parent.info.status == "FAILED"
+    assert "2 of 3 cells failed" in parent.data.tags["failure_reason"]
+    assert parent.data.metrics["grid/cells_failed"] == 2
+    assert parent.data.metrics["grid/cells_done"] == 1
+    rows = {row["cell"].rsplit("/", 1)[1]: row for row in summary_rows(parent)}
+    assert rows["none"]["status"] == "FINISHED" and rows["none"]["run_id"] == \
+        runs["none"].info.run_id
+    assert rows["smote"]["status"] == "FAILED" and rows["smote"]["run_id"] == \
+        runs["smote"].info.run_id and "resampler exploded" in rows["smote"]["failure_reason"]
+    assert rows["eos"]["status"] == "FAILED" and rows["eos"]["run_id"] == "" and \
+        rows["eos"]["test/bac"] is None
+    # Running the grid again retries only the failed cells, under the same parent.
     counts = studies.run_grid(spec, progress=False)
     assert counts["already_finished"] == 1 and counts["failed"] == 2
+    assert grid_parents("fragile")[0].info.run_id == parent.info.run_id
+    assert len(grid_parents("fragile")) == 1 and len(summary_rows(parent)) == 3
 
 
 def test_grid_stops_at_once_on_a_user_mistake_in_its_first_cell_and_on_an_interrupt(
@@ -234,6 +334,7 @@ def test_grid_stops_at_once_on_a_user_mistake_in_its_first_cell_and_on_an_interr
     with pytest.raises(UserError, match="not found"):
         studies.run_grid(spec, progress=False)
     assert len(calls) == 1
+    assert runs_in("grid-grid") == []  # the parent made for it went again
 
     def interrupted(*args, **kwargs):
         calls.append("interrupted")
@@ -243,6 +344,36 @@ def test_grid_stops_at_once_on_a_user_mistake_in_its_first_cell_and_on_an_interr
     with pytest.raises(KeyboardInterrupt):
         studies.run_grid(spec, progress=False)
     assert calls.count("interrupted") == 1
+    (parent,) = grid_parents("grid-grid")
+    assert parent.info.status == "KILLED"
+    assert [row["status"] for row in summary_rows(parent)] == ["NOT RUN", "NOT RUN"]
+
+
+def test_grid_under_mlflow_run_nests_its_parent_under_the_project_run_and_finds_it_again(
+        mlflow_store, tmp_path, monkeypatch):
+    spec = write(tmp_path, "grid.yaml", """
+        name: launched
+        datasets: [digits]
+        methods: [none, smote]
+    """)
+    monkeypatch.setattr(pipeline, "run_cell", fake_run_cell)
+    # A fresh process, as `mlflow run` starts: no experiment chosen by an earlier test.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    client = mlflow.MlflowClient()
+    default = client.get_experiment_by_name("Default").experiment_id
+    project_runs = []
+    for _ in range(2):  # `mlflow run -e grid` twice: a new project run each time
+        project_runs.append(client.create_run(default).info.run_id)
+        monkeypatch.setenv("MLFLOW_RUN_ID", project_runs[-1])
+        counts = studies.run_grid(spec, progress=False)
+        mlflow.end_run()  # the project run, ended by `mlflow run` itself
+    assert counts["ran"] == 0 and counts["already_finished"] == 2
+    (parent,) = grid_parents("Default")
+    assert parent.data.tags["mlflow.parentRunId"] == project_runs[0]
+    cells = [r for r in runs_in("Default") if r.data.tags.get("grid_role") == "cell"]
+    assert len(cells) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in cells)
+    assert parent.info.status == "FINISHED" and len(summary_rows(parent)) == 2
 
 
 # Study spec mistakes ----------------------------------------------------------------------------
@@ -322,7 +453,12 @@ def test_two_processes_share_a_study_exactly(mlflow_store, tmp_path):
     assert sum(r.data.tags.get("phase1_complete") == "true" for r in runs) == 1
     finals = [r for r in runs if r.data.tags.get("study_role") == "final"]
     assert len(finals) == 1
-    assert len([r for r in runs if r.data.tags.get("study_role") == "study"]) == 1
+    (parent,) = [r for r in runs if r.data.tags.get("study_role") == "study"]
+    # The table written last (under the lock) saw every trial ended.
+    rows = summary_rows(parent, studies.TRIALS_TABLE)
+    assert sorted(row["trial"] for row in rows) == [t.number for t in study.get_trials()]
+    assert [row["state"] for row in rows].count("COMPLETE") == trials
+    assert "RUNNING" not in [row["state"] for row in rows] and all(row["run_id"] for row in rows)
     # Both processes report the one test evaluation.
     assert all(f"(run {finals[0].info.run_id})" in out for out, _ in outputs)
 

@@ -1,6 +1,9 @@
-"""The schedule, batched augmentation and the training loop's selection on validation."""
+"""The schedule, batched augmentation, the training loop's selection on validation, and the
+bookkeeping of its CUDA-graph path (checked on the CPU)."""
+import pytest
 import torch
 
+from benchmark import train
 from benchmark.train import Augment, Schedule, TensorBatches, fit
 
 
@@ -59,3 +62,93 @@ def test_fit_keeps_the_best_validation_epoch():
     assert result.best_epoch == 2 and result.best_score == 0.9
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[1][k])
+
+
+# The CUDA-graph path's bookkeeping, on the CPU: capture replaced by re-running the step --------
+def small_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    x = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)  # 4 full batches of 16, then 6
+    y = torch.randint(0, 3, (70,))
+    augment = Augment(padding=2)
+    batches = TensorBatches(x, y, 16, torch.Generator().manual_seed(5),
+                            transform=lambda images, g: augment(images, g).float() / 255)
+    return model, batches
+
+
+class Captures:
+    """A stand-in for ``capture_graph``: counts captures and replays; a replay reruns the step."""
+
+    def __init__(self, fail=False):
+        self.captures, self.replays, self.fail = 0, 0, fail
+
+    def __call__(self, run, device):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+
+        def replay():
+            self.replays += 1
+            run()
+
+        return replay
+
+
+def fit_small(schedule, loss_fn=None, **kwargs):
+    model, batches = small_problem()
+    result = fit(model, batches, loss_fn or torch.nn.CrossEntropyLoss(), schedule,
+                 lambda: 0.0, **kwargs)
+    return result, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    monkeypatch.setattr(train, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    captures = Captures()
+    monkeypatch.setattr(train, "capture_graph", captures)
+    return captures
+
+
+def test_graph_path_warms_up_captures_once_and_replays_full_batches(graphs_on_cpu):
+    schedule = Schedule(epochs=4, warmup_fraction=0.5)  # the learning rate changes every epoch
+    graphed, weights = fit_small(schedule, graph=True)
+    eager, eager_weights = fit_small(schedule, graph=False)
+    # 16 full batches: 3 eager warm-ups, then one capture replayed for the 13 others.
+    assert graphs_on_cpu.captures == 1 and graphs_on_cpu.replays == 13
+    # Fused SGD with the learning rate on the device: the same training up to rounding.
+    for a, b in zip(graphed.history, eager.history):
+        assert a["lr"] == b["lr"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert torch.allclose(weights, eager_weights, atol=1e-5)
+
+
+class SwitchingLoss(torch.nn.CrossEntropyLoss):
+    """Cross-entropy whose Python-side state changes at epoch 2, as deferred re-weighting's does."""
+
+    def on_epoch(self, epoch):
+        self.switched = epoch >= 2
+
+
+def test_graph_is_captured_again_when_the_loss_changes(graphs_on_cpu):
+    fit_small(Schedule(epochs=4), loss_fn=SwitchingLoss(), graph=True)
+    assert graphs_on_cpu.captures == 2
+
+
+def test_failed_capture_goes_on_eagerly(monkeypatch):
+    monkeypatch.setattr(train, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(train, "capture_graph", Captures(fail=True))
+    with pytest.warns(RuntimeWarning, match="goes on eagerly"):
+        failed, weights = fit_small(Schedule(epochs=2), graph=True)
+    eager, eager_weights = fit_small(Schedule(epochs=2), graph=False)
+    assert torch.allclose(weights, eager_weights, atol=1e-5)
+
+
+def test_graph_needs_cuda_and_auto_stays_eager_on_the_cpu(monkeypatch):
+    with pytest.raises(ValueError, match="CUDA"):
+        fit_small(Schedule(epochs=1), graph=True)
+    never = Captures(fail=True)
+    monkeypatch.setattr(train, "capture_graph", never)
+    fit_small(Schedule(epochs=1), graph="auto")  # would warn if it tried to capture
+    assert never.captures == 0
+    _, batches = small_problem()
+    assert batches.device_generator is None and batches.draws is batches.generator

@@ -77,9 +77,12 @@ class DenseNetBC(nn.Module):
         after the first two)."""
         return {f"stage{i + 1}": self.features[end] for i, end in enumerate(self.block_ends)}
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps the embedding pools (after the final BN-ReLU)."""
+        return F.relu(self.bn(self.features(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.features(x)))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_maps(x), 1).flatten(1)
 
 
 @BACKBONES.register("densenet")

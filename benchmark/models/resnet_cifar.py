@@ -68,9 +68,12 @@ class CifarResNet(nn.Module):
         n = self.blocks_per_stage
         return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps the embedding pools: ``[N, embedding_dim, H, W]``."""
+        return self.layers(F.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_maps(x), 1).flatten(1)
 
 
 def _register_depth(depth: int) -> None:

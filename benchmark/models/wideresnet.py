@@ -70,9 +70,12 @@ class WideResNet(nn.Module):
         n = self.blocks_per_stage
         return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps the embedding pools (after the final BN-ReLU)."""
+        return F.relu(self.bn(self.layers(self.stem(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.layers(self.stem(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_maps(x), 1).flatten(1)
 
 
 @BACKBONES.register("wrn28")
