@@ -93,6 +93,20 @@ class RareClassSampleGenerator(nn.Module):
                 nn.init.zeros_(m.bias)
         self.labels: torch.Tensor | None = None
         self._taken: tuple | None = None
+        self.reset_totals()
+
+    def reset_totals(self) -> None:
+        """Running sums since the last call, for the per-epoch curves (kept on the device)."""
+        self.totals: dict = {"cesc": 0.0, "mv": 0.0, "steps": 0, "generated": 0}
+
+    def epoch_means(self) -> dict[str, float]:
+        """The means of L_CESC and L_MV per step and the new samples, since the last reset."""
+        steps = max(self.totals["steps"], 1)
+        means = {"rsg/cesc": float(self.totals["cesc"]) / steps,
+                 "rsg/mv": float(self.totals["mv"]) / steps,
+                 "rsg/generated": float(self.totals["generated"])}
+        self.reset_totals()
+        return means
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels of the batch the rest of the network saw, L_CESC, L_MV) of the last pass."""
@@ -105,6 +119,7 @@ class RareClassSampleGenerator(nn.Module):
         if not self.training or self.labels is None:
             return maps
         labels, self.labels = self.labels, None
+        real = len(labels)
         generating = bool(self.generating)
         for parameter in self.contrastive.parameters():
             parameter.requires_grad_(not generating)
@@ -117,6 +132,10 @@ class RareClassSampleGenerator(nn.Module):
             if generating:
                 maps, labels, mv = self.generate(maps, detached, labels, gamma)
         self._taken = (labels, cesc, mv)
+        self.totals["cesc"] += cesc.detach()
+        self.totals["mv"] += mv.detach()
+        self.totals["steps"] += 1
+        self.totals["generated"] += len(labels) - real
         return maps
 
     def assignments(self, detached: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -241,6 +260,7 @@ class RareClassSampleGeneration(Method):
 
     def on_epoch_end(self, cell, phase, epoch, record):
         if phase == "phase1" and self.module is not None:
+            cell.log_metrics(self.module.epoch_means(), step=epoch)
             self.module.generating.fill_(epoch >= self.start_epoch)  # epoch: 1-based, done
 
 

@@ -13,7 +13,9 @@ The built-in ones (``python -m benchmark list``; the measures are in
 | ``eos-record`` | yes (EOS cells only) | ``eos/synthetic``, ``eos/enemy_share``, ``eos/step_mean``, ``eos/fallback_classes``; ``class/eos_enemy_share_<c>``, ``class/eos_step_mean_<c>`` | ``eos_record.csv``, ``eos_record.png`` |
 | ``tsne`` | no | | ``embedding_map.png`` |
 
-Sets: ``train`` is the real long-tailed training subset (by true class); ``tp`` and ``fp`` are
+Weight norms are those of the final head's class weights as its linear form has them (a
+wrapped or rescaled head included; a cosine head's raw weight rows, which it normalises), and
+of phase 1's head.  Sets: ``train`` is the real long-tailed training subset (by true class); ``tp`` and ``fp`` are
 the test set's true and false positives of each *predicted* class (the paper's reference
 class).  Gaps are measured against the embeddings the head was trained on (real plus added,
 as ``gap/overall``); ``gap/real`` against the real subset alone, so the two show what the
@@ -263,14 +265,16 @@ class GapDiagnostic(Diagnostic):
     def plot_tp_fp(cell, view: CellEmbeddings, gaps: dict, path: Path) -> None:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.45 * view.num_classes)), 3.8))
-        positions = np.arange(view.num_classes)
         for offset, name, colour in ((-0.2, "tp", "tab:green"), (0.2, "fp", "tab:red")):
             values = gaps[name][view.order]
-            ax.bar(positions + offset, np.nan_to_num(values), width=0.4, color=colour,
-                   label=f"{SET_TITLES[name]} (mean {np.nanmean(values):.3g})"
-                   if np.isfinite(values).any() else SET_TITLES[name])
+            members = np.bincount(view.subset(name)[1], minlength=view.num_classes)[view.order]
+            shown = np.flatnonzero(np.isfinite(values))  # no bar: the class has no such point
+            bars = ax.bar(shown + offset, values[shown], width=0.4, color=colour,
+                          label=f"{SET_TITLES[name]} (mean {np.nanmean(values):.3g})"
+                          if len(shown) else SET_TITLES[name])
+            ax.bar_label(bars, [f"{n}" for n in members[shown]], fontsize=6)
         class_ticks(ax, view)
-        ax.set_ylabel("gap to the class's training range")
+        ax.set_ylabel("gap to the class's training range\n(number over a bar: its points)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
         ax.set_title(f"Gap of test true vs false positives per predicted class\n"
@@ -335,10 +339,11 @@ class WeightsAndMagnitudes(Diagnostic):
     def on_cell_end(self, cell, results, folder):
         view = cell_embeddings(cell, results)
         c_all = view.num_classes
+        metrics, norms = {}, {}
         head_weight = getattr(results["head"], "weight", None)
-        metrics = {}
-        norms = {}
-        if head_weight is not None:
+        if view.form is not None and not view.form.normalise:
+            norms["final head"] = measures.weight_norms(view.form.weight)
+        elif head_weight is not None:  # a cosine head: the rows it normalises
             norms["final head"] = measures.weight_norms(head_weight.detach().cpu().numpy())
         phase1_weight = results["phase1"].state_dict.get("head.weight")
         if phase1_weight is not None:
@@ -449,11 +454,11 @@ class EOSRecord(Diagnostic):
         order = view.order
         axes[0].bar(positions, view.counts[order], color="tab:blue", label="real")
         axes[0].bar(positions, record["synthetic"][order], bottom=view.counts[order],
-                    color="tab:orange", label="synthetic")
-        for i, c in enumerate(order):
-            if record["fallback"][c]:
-                axes[0].annotate("fallback", (i, view.counts[c] + record["synthetic"][c]),
-                                 ha="center", fontsize=6, rotation=90)
+                    color="tab:orange", label="synthetic",
+                    hatch=["//" if record["fallback"][c] else "" for c in order])
+        if record["fallback"].any():
+            axes[0].bar([0], [0], color="tab:orange", hatch="//",
+                        label="synthetic, fallback rule")
         axes[0].set_ylabel("training embeddings")
         axes[0].legend(fontsize=8)
         axes[1].bar(positions, np.nan_to_num(record["enemy_share"][order]), color="tab:red")

@@ -3,8 +3,9 @@
 Definitions follow METHODS.md ("Generalization gap", "Embedding analysis"):
 
 - FE are the pooled embeddings; a head is used in its linear form ``logit = F @ W.T + b``
-  (``head_linear_form``), where F is FE itself for a linear head and FE / |FE| for a cosine
-  head (whose W rows are then unit vectors and b is zero).  CE of class c = ``F * W[c]``
+  (``head_linear_form``), where F is FE itself for an affine head (a linear layer, or one a
+  method wrapped or rescaled) and FE / |FE| for a cosine head (whose W rows are then unit
+  vectors and b is zero).  CE of class c = ``F * W[c]``
   element-wise, so that ``logit_c = sum(CE_c) + b_c``.
 - Top-K coverage: an instance is covered at K when the K largest CE of its predicted class,
   plus that class's bias, exceed the runner-up logit.  The bias is counted so that K = H (every
@@ -78,28 +79,31 @@ class LinearForm:
 
 
 def head_linear_form(head, probe: np.ndarray) -> LinearForm | None:
-    """The head's linear form, checked against the head's own outputs on ``probe``
-    embeddings: a linear layer, or a cosine head (normalised embeddings and weight rows, no
-    bias); ``None`` for any other head, whose CE are then undefined."""
+    """The head's linear form, read off its outputs on the zero vector and the unit vectors,
+    and checked against its outputs on ``probe`` embeddings: any affine head (a linear layer,
+    a wrapper that scales one); else a cosine head (normalised embeddings and ``weight``
+    rows, no bias); ``None`` for any other head, whose CE are then undefined."""
     import torch
 
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        return None
-    w = weight.detach().float().cpu().numpy()
-    bias = getattr(head, "bias", None)
-    b = bias.detach().float().cpu().numpy() if isinstance(bias, torch.Tensor) else \
-        np.zeros(len(w), dtype=np.float32)
+    parameter = next(head.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dim = probe.shape[1]
+    was_training = head.training
+    head.eval()
     with torch.no_grad():
-        head_was_training = head.training
-        head.eval()
-        x = torch.as_tensor(probe, dtype=torch.float32, device=weight.device)
-        out = head(x).float().cpu().numpy()
-        head.train(head_was_training)
-    for form in (LinearForm(w, b, False),
-                 LinearForm(w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12),
-                            np.zeros_like(b), True)):
-        if np.allclose(form.logits(probe), out, rtol=1e-4, atol=1e-4):
+        out = head(torch.as_tensor(probe, dtype=torch.float32, device=device)).float().cpu()
+        basis = head(torch.cat([torch.zeros(1, dim), torch.eye(dim)]).to(device)).float().cpu()
+    head.train(was_training)
+    out, basis = out.numpy().astype(float), basis.numpy().astype(float)
+    tolerance = 1e-4 * max(1.0, float(np.abs(out).max()))
+    candidates = [LinearForm((basis[1:] - basis[0]).T, basis[0], False)]
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[1] == dim:
+        w = weight.detach().float().cpu().numpy().astype(float)
+        candidates.append(LinearForm(w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True),
+                                                    1e-12), np.zeros(len(w)), True))
+    for form in candidates:
+        if np.allclose(form.logits(probe.astype(float)), out, rtol=1e-4, atol=tolerance):
             return form
     return None
 

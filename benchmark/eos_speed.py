@@ -143,6 +143,32 @@ def rss_bytes() -> int:
     return 0
 
 
+def verify(points: np.ndarray, k: int, rows: int, device: str | None) -> dict:
+    """The search's neighbours of the first ``rows`` points against a reference: scikit-learn's
+    brute-force ``NearestNeighbors`` where it is installed, else this search on the CPU.
+    Lists may differ only where distances tie (up to float32 rounding)."""
+    query = np.arange(min(rows, len(points)))
+    found = expansion.k_nearest(points, k, rows=query, device=device)
+    try:
+        from sklearn.neighbors import NearestNeighbors
+    except ImportError:
+        reference, name = expansion.k_nearest(points, k, rows=query), "this search on the CPU"
+    else:
+        full = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(points).kneighbors(
+            points[query], return_distance=False)
+        reference = np.array([[j for j in line if j != i][:k] for i, line in zip(query, full)])
+        name = "scikit-learn brute force"
+
+    def distances(indices: np.ndarray) -> np.ndarray:
+        diff = points[indices].astype(np.float64) - points[query][:, None].astype(np.float64)
+        return np.sort((diff * diff).sum(-1), axis=1)
+
+    gap = np.abs(distances(found) - distances(reference)) / distances(reference).clip(1e-12)
+    return {"reference": name, "rows": len(query),
+            "identical_rows": int((found == reference).all(axis=1).sum()),
+            "max_relative_distance_gap": float(gap.max()) if len(query) else 0.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.eos_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="EOS's K")
     parser.add_argument("--spread", type=float, default=0.35,
                         help="spread of the class means (per dimension; the noise is 1)")
+    parser.add_argument("--verify", type=int, default=0, metavar="ROWS",
+                        help="after the timing, check the neighbours of this many points "
+                             "against a reference search")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -227,9 +256,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{before / 1e9:.2f} GB held before the call: input, libraries)")
     print(f"checks: balanced {balanced}, input rows kept {kept}, output "
           f"{resampled.shape[0]:,} x {resampled.shape[1]} {resampled.dtype}")
+    ok = balanced and kept
+    del resampled, labels_out
+    if args.verify:
+        figures["verify"] = check = verify(points, args.k, args.verify,
+                                           None if device.type == "cpu" else str(device))
+        # Ties aside, the lists match; a distance gap beyond float32 rounding is a wrong answer.
+        ok = ok and check["max_relative_distance_gap"] < 1e-4
+        print(f"neighbours of {check['rows']:,} points against {check['reference']}: "
+              f"{check['identical_rows']:,} lists identical, largest relative distance gap "
+              f"{check['max_relative_distance_gap']:.1e} (ties only if below 1e-4)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
-    return 0 if balanced and kept else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

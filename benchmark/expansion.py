@@ -13,6 +13,10 @@ kept, and the k smallest among their members are the k smallest of the row (ever
 nearer than the k-th lies in a group whose minimum is at most its distance, so at most k - 1
 groups rank before its own).  That turns a full top-k over every distance into one
 elementwise minimum pass, as cheap as reading the chunk once.
+
+The new rows go straight into one preallocated output, in chunks, computed where the search
+ran (torch's CPU threads, or the GPU with each chunk copied back), with the float operations of
+``X[base] + step * (X[partner] - X[base])``: the same bits as that expression.
 """
 from __future__ import annotations
 
@@ -35,15 +39,16 @@ def k_nearest(X, k: int, *, rows=None, labels=None, device=None) -> np.ndarray:
     A point is never its own neighbour, but its duplicates are (at distance 0).  With
     ``labels``, points that share the query's label are left out too: the result is the
     query's k nearest enemies.  ``k`` must not exceed the points left.  ``device`` is where
-    the search runs (``None``: the CPU; ``"cuda"``; any torch device).
+    the search runs (``None``: where ``X`` is, the CPU for a NumPy array; ``"cuda"``; any
+    torch device); ``X`` may be a NumPy array or a torch tensor, on any device.
 
     Exact up to ties: distances that are equal, or equal up to the rounding of ``X``'s float
     type (float32 stays float32), may come in either order, as they may in scikit-learn's
     ``NearestNeighbors``.
     """
-    device = torch.device(device or "cpu")
+    points = as_points(X, device)
+    device = points.device
     with torch.no_grad():
-        points = torch.as_tensor(np.ascontiguousarray(X), device=device)
         points = points - points.mean(0)  # the copy the search works on
         n = len(points)
         squared = torch.cat([(part * part).sum(1) for part in points.split(65536)])
@@ -79,6 +84,13 @@ def k_nearest(X, k: int, *, rows=None, labels=None, device=None) -> np.ndarray:
         return found.cpu().numpy()
 
 
+def as_points(X, device=None) -> torch.Tensor:
+    """``X`` as a torch tensor on ``device`` (default: where it is), without a copy where it
+    already is one there (a NumPy array on the CPU shares its memory)."""
+    points = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X))
+    return points.to(device) if device is not None else points
+
+
 def pick_uniform(mask: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     """Per row, the column of one True entry of ``mask`` drawn uniformly (rows need a True)."""
     keys = np.where(mask, rng.random_sample(mask.shape), -1.0)
@@ -88,20 +100,23 @@ def pick_uniform(mask: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
 def expand(X: np.ndarray, y: np.ndarray, n_new: dict, *, k_neighbors: int, max_step: float,
            neighbour_rule: str, rng: np.random.RandomState, device=None) -> dict:
     """EOS over dense ``X`` (float) and labels ``y``: ``n_new[c]`` new points for class c,
-    by the rules of ``benchmark.eos`` (its docstring).  Returns ``{"X", "y", "base",
-    "partner", "step", "fallback"}``: the resampled arrays (``X`` first, then the new rows,
-    written in place into one preallocated array), and what made each new point."""
+    by the rules of ``benchmark.eos`` (its docstring), drawing from ``rng`` in the order the
+    classes come in ``n_new``.  ``device`` is where the neighbour search and the new rows'
+    arithmetic run (``None``: the CPU).  Returns ``{"X", "y", "base", "partner", "step",
+    "fallback"}``: the resampled NumPy arrays (``X`` first, then the new rows), and what made
+    each new point."""
     n = len(X)
     k = min(k_neighbors, n - 1)
-    neighbours = k_nearest(X, k, device=device) if k > 0 else np.empty((n, 0), np.int64)
+    source = as_points(X, device)  # on the CPU, X itself
+    neighbours = k_nearest(source, k) if k > 0 else np.empty((n, 0), np.int64)
     enemy = y[neighbours] != y[:, None]
 
     wanted = [(klass, count) for klass, count in n_new.items() if count > 0]
     members = {klass: np.flatnonzero(y == klass) for klass, _ in wanted}
     eligible = {klass: members[klass][enemy[members[klass]].any(axis=1)] for klass, _ in wanted}
     nearest_enemies = fallback_partners(
-        X, y, [klass for klass, _ in wanted if not len(eligible[klass])], members,
-        k_neighbors, device)
+        source, y, [klass for klass, _ in wanted if not len(eligible[klass])], members,
+        k_neighbors)
 
     bases, partners, fallback = [], [], []
     for klass, count in wanted:
@@ -129,13 +144,12 @@ def expand(X: np.ndarray, y: np.ndarray, n_new: dict, *, k_neighbors: int, max_s
     step = rng.uniform(0.0, max_step, size=len(base)).astype(X.dtype)
     resampled = np.empty((n + len(base), X.shape[1]), dtype=X.dtype)
     resampled[:n] = X
-    write_segments(X, base, partner, step, resampled[n:])
+    write_segments(source, base, partner, step, resampled[n:])
     return {"X": resampled, "y": np.concatenate([y, y[base]]), "base": base,
             "partner": partner, "step": step, "fallback": fallback}
 
 
-def fallback_partners(X, y, classes: list, members: dict, k_neighbors: int,
-                      device) -> dict:
+def fallback_partners(X, y, classes: list, members: dict, k_neighbors: int) -> dict:
     """``{class: [len(members), k]}`` each member's k nearest enemies, k = min(K, enemies),
     for every class of ``classes`` that has an enemy; one search per distinct k."""
     by_k: dict[int, list] = {}
@@ -146,23 +160,31 @@ def fallback_partners(X, y, classes: list, members: dict, k_neighbors: int,
     found = {}
     for k, group in by_k.items():
         rows = np.concatenate([members[klass] for klass in group])
-        nearest = k_nearest(X, k, rows=rows, labels=y, device=device)
+        nearest = k_nearest(X, k, rows=rows, labels=y)
         for klass, part in zip(group, np.split(nearest, np.cumsum(
                 [len(members[klass]) for klass in group])[:-1])):
             found[klass] = part
     return found
 
 
-def write_segments(X: np.ndarray, base: np.ndarray, partner: np.ndarray, step: np.ndarray,
-                   out: np.ndarray, rows_per_chunk: int = 1 << 14) -> None:
+def write_segments(X, base: np.ndarray, partner: np.ndarray, step: np.ndarray,
+                   out: np.ndarray, rows_per_chunk: int | None = None) -> None:
     """``out[i] = X[base[i]] + step[i] * (X[partner[i]] - X[base[i]])`` in chunks, with the
-    same float operations (so the same bits) as that expression, without its full-size
-    temporaries."""
-    for start in range(0, len(base), rows_per_chunk):
-        part = slice(start, start + rows_per_chunk)
-        target = out[part]
-        np.take(X, partner[part], axis=0, out=target)
-        origin = X[base[part]]
-        target -= origin
-        target *= step[part, None]
-        target += origin
+    same float operations (so the same bits) as that NumPy expression, without its full-size
+    temporaries.  ``X`` (an array or a tensor) says where the arithmetic runs: on the CPU in
+    torch's threads straight into ``out``, on a GPU chunk by chunk, copied into ``out``."""
+    source = as_points(X)
+    on_host = source.device.type == "cpu"
+    rows_per_chunk = rows_per_chunk or (1 << 14 if on_host else 1 << 17)
+    steps = torch.from_numpy(np.ascontiguousarray(step)).to(source.device)
+    with torch.no_grad():
+        for start in range(0, len(base), rows_per_chunk):
+            part = slice(start, start + rows_per_chunk)
+            target = torch.from_numpy(out[part])
+            origin = source[torch.as_tensor(base[part], device=source.device)]
+            rows = torch.as_tensor(partner[part], device=source.device)
+            result = torch.index_select(source, 0, rows, out=target) if on_host \
+                else source[rows]
+            result.sub_(origin).mul_(steps[part, None]).add_(origin)
+            if not on_host:
+                target.copy_(result)

@@ -1025,7 +1025,9 @@ def k_figure(curves: dict, title: str):
         ax.set_xlabel("K (nearest neighbours)")
         ax.set_ylabel(f"test {metric_title} (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8,
+               ncol=max(1, min(len(labels), len(titles) * 3)))
     fig.suptitle(f"{title}\nmean over seeds; error bars: standard deviation over seeds",
                  fontsize=10)
     return fig
@@ -1065,21 +1067,26 @@ def recall_figure(order: list[int], counts: list[int], by_loss: dict, title: str
     width = min(16.0, max(6.0, 0.3 * len(order)))
     fig, axes = plt.subplots(len(by_loss), 1, figsize=(width, 1.0 + 3.0 * len(by_loss)),
                              squeeze=False, sharex=True, sharey=True, layout="constrained")
-    lows, highs = [], []
+    # One colour per method in every panel, and one legend for them all.
+    colours = {method: f"C{number % 10}" for number, method in enumerate(
+        dict.fromkeys(method for methods in by_loss.values() for method in methods))}
+    lows, highs, handles = [], [], {}
     for ax, (loss, methods) in zip(axes[:, 0], by_loss.items()):
         spread = 0.5 / len(methods)
         for number, (method, stats) in enumerate(methods.items()):
             means, errors = error_bars(stats)
             shift = (number - (len(methods) - 1) / 2) * spread
-            ax.errorbar([i + shift for i in range(len(order))], means, yerr=errors, marker="o",
-                        markersize=3, capsize=2, linewidth=1, label=method)
+            handles[method] = ax.errorbar(
+                [i + shift for i in range(len(order))], means, yerr=errors, marker="o",
+                markersize=3, capsize=2, linewidth=1, color=colours[method], label=method)
             lows += [m - e for m, e in zip(means, errors)]
             highs += [m + e for m, e in zip(means, errors)]
         ax.set_title(f"loss {loss}", fontsize=9)
         ax.set_ylabel("test recall (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=min(6, len(methods)))
     axes[0, 0].set_ylim(*fitted_limits(lows, highs))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
+               ncol=max(1, min(len(handles), int(width // 1.5))))
     step = max(1, len(order) // 25)  # CIFAR-100's 100 classes stay legible
     axes[-1, 0].set_xticks(range(len(order))[::step],
                            [f"{c}\n({n})" for c, n in zip(order, counts)][::step], fontsize=7)

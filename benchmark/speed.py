@@ -153,17 +153,19 @@ def bare_step_rate(device: torch.device, batch_size: int, steps: int, graphed: b
 
 
 def learnable_problem(device: torch.device, n: int = 2000, seed: int = 0):
-    """Images whose class shows: a fixed pattern per class plus noise (uint8, on device)."""
+    """Images whose class shows through crops and flips: a colour per class plus noise
+    (uint8, on ``device``)."""
     generator = torch.Generator().manual_seed(seed)
-    patterns = torch.rand(10, 3, 32, 32, generator=generator) * 160
+    colours = 40 + 160 * torch.rand(10, 3, 1, 1, generator=generator)
     labels = torch.randint(0, 10, (n,), generator=generator)
-    images = patterns[labels] + torch.rand(n, 3, 32, 32, generator=generator) * 95
-    return images.to(torch.uint8).to(device), labels.to(device)
+    images = colours[labels] + 50 * (torch.rand(n, 3, 32, 32, generator=generator) - 0.5)
+    return images.round().to(torch.uint8).to(device), labels.to(device)
 
 
 def graph_check(device: torch.device, epochs: int = 4, batch_size: int = 128) -> dict:
     """``fit`` with and without the graph path on a learnable problem from the same seed:
-    both losses fall, stay finite and close; deferred re-weighting captures once more."""
+    the eager loss falls below half of chance's, the graphed one stays finite and close to
+    it; deferred re-weighting captures the graph once more."""
     images, labels = learnable_problem(device)
     cuda = device.type == "cuda"
     normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, channels_last=cuda)
@@ -185,7 +187,7 @@ def graph_check(device: torch.device, epochs: int = 4, batch_size: int = 128) ->
             batches = TensorBatches(images, labels, batch_size, torch.Generator().manual_seed(1),
                                     transform=lambda x, g: normalize(augment(x, g)))
             model = resnet32(device)
-            schedule = Schedule(epochs=epochs, batch_size=batch_size)
+            schedule = Schedule(epochs=epochs, lr=0.02, batch_size=batch_size)
             loss = CrossEntropy(torch.bincount(labels.cpu(), minlength=10).tolist(), schedule,
                                 weighting=weighting)
             before = counted["captures"]
@@ -196,8 +198,8 @@ def graph_check(device: torch.device, epochs: int = 4, batch_size: int = 128) ->
         train.capture_graph = capture
     eager = histories["eager"]["train_loss"]
     report = {"histories": histories, "ok": True, "problems": []}
-    if eager[-1] > 0.5 * eager[0]:
-        report["problems"].append(f"eager loss did not fall by half ({eager})")
+    if eager[-1] > 0.5 * math.log(10):
+        report["problems"].append(f"eager training did not learn ({eager})")
     if "graph" in histories:
         graphed = histories["graph"]["train_loss"]
         gap = max(abs(a - b) for a, b in zip(graphed, eager))

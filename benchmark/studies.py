@@ -222,10 +222,10 @@ def order_for_sharing(cells: list[RunConfig]) -> list[RunConfig]:
 
 
 def cell_label(cfg: RunConfig) -> str:
-    """A resolved cell's readable identity without its seed, as its ``cell`` tag spells it."""
-    return schema.cell_label(cfg.dataset, cfg.profile, cfg.ratio, cfg.backbone, cfg.loss,
-                             cfg.method, {**cfg.backbone_params, **cfg.loss_params,
-                                          **cfg.method_params})
+    """A resolved cell's readable identity without its seed: its ``cell`` tag."""
+    from benchmark.pipeline import cell_tag  # PyTorch, only once a grid or study runs
+
+    return cell_tag(cfg)
 
 
 def failure_reason(err: BaseException) -> str:

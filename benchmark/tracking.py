@@ -126,6 +126,10 @@ class TrackedRun:
             run = mlflow.start_run(experiment_id=experiment.experiment_id,
                                    run_name=self.run_name, tags=tags, **sampling)
         self.run_id = run.info.run_id
+        if self.resume_run_id is not None and \
+                TAG_FAILURE in mlflow.get_run(self.run_id).data.tags:
+            # The reason an earlier pass ended it for: this pass ends it anew.
+            mlflow.MlflowClient().delete_tag(self.run_id, TAG_FAILURE)
         if self.experiment_description:
             describe_experiment(run.info.experiment_id, self.experiment_description)
         self._heartbeat = _Heartbeat(self.run_id, mlflow.get_tracking_uri())

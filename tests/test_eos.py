@@ -256,3 +256,22 @@ def test_n_jobs_sets_the_search_threads_only_for_the_call(monkeypatch):
     monkeypatch.setattr(expansion, "k_nearest", spy)
     EOS(random_state=0, n_jobs=1).fit_resample(*blobs())
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_search_takes_tensors_and_a_device_with_the_same_result():
+    import torch
+
+    X, y = wide()
+    assert np.array_equal(k_nearest(torch.from_numpy(X), 5), k_nearest(X, 5))
+    a = EOS(random_state=0).fit_resample(X, y)[0]
+    b = EOS(random_state=0, device="cpu").fit_resample(X, y)[0]
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_search_agrees_with_the_cpu_up_to_ties():
+    X, y = wide()
+    assert np.array_equal(k_nearest(X, 5, device="cuda"), k_nearest(X, 5))
+    a = EOS(random_state=0, device="cuda").fit_resample(X, y)
+    b = EOS(random_state=0).fit_resample(X, y)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -332,6 +332,7 @@ def grid_cell_runs(store, name: str) -> pd.DataFrame:
 
     experiment = {"table4": K_EXPERIMENT, "table2": TABLE2_EXPERIMENT}[name]
     runs = search(experiment, f"tags.grid = '{name}' and attributes.status = 'FINISHED'")
+    runs = runs[runs["tags.cell_key"].notna()]  # not the grid's parent run
     keys = {cell_key(cfg.resolved()) for cfg in Grid.from_spec(store.specs[name]).cells}
     assert set(runs["tags.cell_key"]) == keys
     return runs
@@ -643,7 +644,8 @@ def test_runtime_columns_are_the_stages_the_runs_logged():
         {"dataset": "b", "method": "smote", "seed": 0, **post},
     ])
     built = report.Report.build(runs, ["synthetic"], "macro")
-    first, second = (report.text_frame(t, report.MARKDOWN) for t in built.runtime_tables())
+    tables = built.runtime_tables()
+    first, second = (report.text_frame(t, report.MARKDOWN) for t in tables)
     # Known stages in pipeline order, then the others alphabetically.
     assert list(first.columns) == ["Generator", "Pixel resampling", "Phase 1", "Phase 2",
                                    "Resampling", "Phase 3", "Cam", "Zeta", "Total", "vs eos",
@@ -655,9 +657,12 @@ def test_runtime_columns_are_the_stages_the_runs_logged():
         assert first.loc[("ce", method), "vs eos"] == f"{total / totals['eos']:.2f}"
     assert first.loc[("ce", "pre-smote"), "Resampling"] == "-"
     assert first.loc[("ce", "eos"), "Phase 3"] == "1.00"
-    # The second table logged fewer stages, and has no eos to compare with.
+    assert list(first["n"]) == ["1", "1", "2"]
+    # The second table logged fewer stages, has no eos to compare with, and one run per row
+    # (said once, in the caption).
     assert list(second.columns) == ["Pixel resampling", "Phase 1", "Phase 2", "Resampling",
-                                    "Phase 3", "Total", "vs eos", "n"]
+                                    "Phase 3", "Total", "vs eos"]
+    assert "; each row averages 1 run." in tables[1].caption_text(report.MARKDOWN)
     assert list(second["vs eos"]) == ["-", "-"]
     assert list(second["Total"]) == ["13.00", "12.00"]
 

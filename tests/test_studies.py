@@ -89,7 +89,8 @@ def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store
     for row in rows:
         run = by_run[row["run_id"]]
         assert row["status"] == "FINISHED" and row["when"] == "now"
-        assert row["seed"] == int(run.data.params["seed"]) and row["cell"].startswith("digits/")
+        assert row["seed"] == int(run.data.params["seed"])
+        assert row["cell"] == run.data.tags["cell"] and row["cell"].startswith("digits/")
         assert row["test/bac"] == pytest.approx(run.data.metrics["test/bac"])
     assert {"path": "grid_summary.json", "type": "table"} in \
         json.loads(parent.data.tags["mlflow.loggedArtifacts"])
@@ -319,6 +320,13 @@ def test_grid_records_a_failed_cell_runs_the_others_and_exits_1(mlflow_store, tm
     assert counts["already_finished"] == 1 and counts["failed"] == 2
     assert grid_parents("fragile")[0].info.run_id == parent.info.run_id
     assert len(grid_parents("fragile")) == 1 and len(summary_rows(parent)) == 3
+    # Once the failed cells succeed, the same parent ends FINISHED, its old reason gone.
+    monkeypatch.setattr(pipeline, "run_cell", fake_run_cell)
+    assert studies.run_grid(spec, progress=False)["ran"] == 2
+    (parent,) = grid_parents("fragile")
+    assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags
+    assert parent.data.metrics["grid/cells_failed"] == 0
+    assert [row["status"] for row in summary_rows(parent)] == ["FINISHED"] * 3
 
 
 def test_grid_stops_at_once_on_a_user_mistake_in_its_first_cell_and_on_an_interrupt(

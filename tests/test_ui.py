@@ -54,12 +54,9 @@ STEP_TIMEOUT_MS = 20_000  # bound on each wait for a page element
 SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 # Keeps the assistant panel from covering a third of every screenshot.
-CLOSED_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
-
-
-def chromium_executable() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+CLOSED_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false'); "
+                    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', "
+                    "'true');")
 
 
 @pytest.fixture
@@ -68,7 +65,7 @@ def chromium() -> str:
     missing (checked before the store is made, which takes most of the test's time)."""
     pytest.importorskip("playwright.sync_api",
                         reason="the playwright package is not installed (pip install -e '.[test]')")
-    path = chromium_executable()
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it): "
                     "the MLflow UI cannot be tested in a browser")
@@ -243,17 +240,26 @@ def test_mlflow_ui_shows_grid_cells_curves_and_report(grid_store, browser, subte
             assert run.data.tags.get(NESTED_UNDER) == parent.info.run_id, \
                 f"cell {run.info.run_name} is not nested under the grid's parent run"
         browser.open(f"/experiments/{experiment_id}/runs")
-        parent_row = page.locator(f'[role="row"][row-id="{parent.info.run_id}"]')
-        parent_row.get_by_text(GRID_NAME, exact=True).wait_for()
-        cell_rows = [page.locator(f'[role="row"][row-id="{run.info.run_id}"]') for run in cells]
+        # The run-name column is pinned left: its part of each row holds the name.
+        rows = page.locator(".ag-pinned-left-cols-container")
+        parent_name = rows.locator(f'[role="row"][row-id="{parent.info.run_id}"]').get_by_text(
+            GRID_NAME, exact=True)
+        parent_name.wait_for()
+        cell_names = [rows.locator(f'[role="row"][row-id="{run.info.run_id}"]').get_by_text(
+            run.info.run_name, exact=True) for run in cells]
         browser.shot("runs-collapsed")
-        if not cell_rows[0].is_visible():  # the UI shows a parent's children collapsed
-            parent_row.locator('[col-id*="Run Name"] button').first.click()
-        for row, run in zip(cell_rows, cells):
-            row.get_by_text(run.info.run_name, exact=True).wait_for()
-            assert "ag-row-level-1" in row.get_attribute("class"), \
-                f"{run.info.run_name} is listed, but not nested under {GRID_NAME}"
+        if not cell_names[0].is_visible():  # the UI shows a parent's children collapsed
+            rows.locator(f'[role="row"][row-id="{parent.info.run_id}"] '
+                         f'[col-id*="Run Name"] button').first.click()
+        for name, run in zip(cell_names, cells):
+            name.wait_for()
+            # Nested: listed below the parent, the name indented under the parent's.
+            assert name.bounding_box()["y"] > parent_name.bounding_box()["y"]
+            assert name.bounding_box()["x"] > parent_name.bounding_box()["x"], \
+                f"{run.info.run_name} is listed, but not indented under {GRID_NAME}"
         browser.shot("runs-parent-expanded")
+        browser.open(cell_route)
+        page.get_by_role("link", name=GRID_NAME, exact=True).wait_for()  # "Parent run: ui-grid"
 
     with subtests.test("a cell's page shows its headline metrics"):
         browser.open(cell_route)
@@ -277,9 +283,9 @@ def test_mlflow_ui_shows_grid_cells_curves_and_report(grid_store, browser, subte
         chart.first.wait_for()
         assert chart.first.get_by_text("Step", exact=True).is_visible(), \
             f"the {CURVE} chart is no line over steps (epochs)"
-        line = chart.first.locator("path.js-line").first
-        line.wait_for()
-        assert "L" in (line.get_attribute("d") or ""), f"the {CURVE} line joins no two epochs"
+        lines = chart.first.locator("path.js-line").evaluate_all(
+            "paths => paths.map(path => path.getAttribute('d') || '')")
+        assert any("L" in line for line in lines), f"the {CURVE} line joins no two epochs"
         browser.shot("cell-model-metrics-curve")
 
     with subtests.test("a cell's artifacts preview the confusion matrix"):
