@@ -251,7 +251,10 @@ class TrackedRun:
         info = _mlflow().pytorch.log_model(
             model, name="model", signature=infer_signature(example, output),
             input_example=example, pip_requirements=requirements,
-            registered_model_name=register)
+            registered_model_name=register,
+            # MLflow would reload the model to predict the example (seconds per run);
+            # tests/test_run_view.py checks that a logged model serves uint8 images.
+            validate_serving_input=False)
         return info.model_uri
 
 

@@ -60,15 +60,15 @@ def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store
         experiment: tiny-grid
         datasets: [digits]
         losses: [ce]
-        methods: [none, smote, eos]
+        methods: [none, eos]
         seeds: [0, 1]
         settings: {epochs: 1, head_epochs: 1}
     """)
     counts = studies.run_grid(spec, progress=False)
-    assert counts["ran"] == 6 and counts["phase1_trained"] == 2 and counts["failed"] == 0
+    assert counts["ran"] == 4 and counts["phase1_trained"] == 2 and counts["failed"] == 0
     (parent,) = grid_parents("tiny-grid")
     cells = [r for r in runs_in("tiny-grid") if r.data.tags.get("grid_role") == "cell"]
-    assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
+    assert len(cells) == 4 and all(r.info.status == "FINISHED" for r in cells)
     assert len({r.data.tags["phase1_run_id"] for r in cells}) == 2
     # The parent: named after the grid, its cells nested under it, the spec and cells with it.
     assert counts["parent_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
@@ -76,12 +76,12 @@ def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in cells)
     assert artifact(parent, "spec.yaml") == spec.read_text()
     listed = artifact(parent, "cells.csv").splitlines()
-    assert listed[0].startswith("cell,seed,cell_key,") and len(listed) == 7
+    assert listed[0].startswith("cell,seed,cell_key,") and len(listed) == 5
     assert {r.data.tags["cell_key"] for r in cells} == {line.split(",")[2] for line in listed[1:]}
     # Progress at every cell, the step counting the cells processed.
-    assert history(parent, "grid/cells_done") == [(n, n) for n in range(7)]
-    assert history(parent, "grid/cells_failed") == [(n, 0) for n in range(7)]
-    assert history(parent, "grid/cells_total")[-1] == (6, 6)
+    assert history(parent, "grid/cells_done") == [(n, n) for n in range(5)]
+    assert history(parent, "grid/cells_failed") == [(n, 0) for n in range(5)]
+    assert history(parent, "grid/cells_total")[-1] == (4, 4)
     # The summary: one row per cell with its run and test scores, shown by the UI as a table.
     rows = summary_rows(parent)
     by_run = {r.info.run_id: r for r in cells}
@@ -94,21 +94,21 @@ def test_smoke_sized_grid_runs_missing_cells_only_and_shares_phase1(mlflow_store
         assert row["test/bac"] == pytest.approx(run.data.metrics["test/bac"])
     assert {"path": "grid_summary.json", "type": "table"} in \
         json.loads(parent.data.tags["mlflow.loggedArtifacts"])
-    assert artifact(parent, "grid_summary.csv").count("\n") == 7
-    assert "6 cells, 6 finished" in parent.data.tags["mlflow.note.content"]
+    assert artifact(parent, "grid_summary.csv").count("\n") == 5
+    assert "4 cells, 4 finished" in parent.data.tags["mlflow.note.content"]
     experiment = mlflow.get_experiment_by_name("tiny-grid")
     assert experiment.tags["mlflow.note.content"].startswith(
-        f"Grid tiny from {spec}: 6 cells (datasets digits; losses ce; methods none, smote, eos;")
+        f"Grid tiny from {spec}: 4 cells (datasets digits; losses ce; methods none, eos;")
 
-    # Again: nothing runs, no second parent; the same parent counts and lists the six cells.
+    # Again: nothing runs, no second parent; the same parent counts and lists the four cells.
     mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.note.content",
                                              "my own words")
     again = studies.run_grid(spec, progress=False)
-    assert again["ran"] == 0 and again["already_finished"] == 6
+    assert again["ran"] == 0 and again["already_finished"] == 4
     assert again["parent_run_id"] == parent.info.run_id
-    assert len(runs_in("tiny-grid")) == 7
+    assert len(runs_in("tiny-grid")) == 5
     (parent,) = grid_parents("tiny-grid")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["grid/cells_done"] == 6
+    assert parent.info.status == "FINISHED" and parent.data.metrics["grid/cells_done"] == 4
     again_rows = summary_rows(parent)  # replaced, not appended to
     assert sorted((r["cell"], r["seed"], r["run_id"]) for r in again_rows) == \
         sorted((r["cell"], r["seed"], r["run_id"]) for r in rows)
