@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import time
 
 import numpy as np
 import torch
@@ -165,11 +166,14 @@ def feature_maps(extractor, images: torch.Tensor, normalize, batch_size: int = 5
 
 @METHODS.register("cam-aug")
 class CamFeatureAugmentation(Method):
-    """CAM-based feature augmentation (Chu et al.) in phase 3, on the shared phase 1: only the
-    phase-1 head is fine-tuned (``lr`` fixed, momentum 0.9, ``batch_size``, ``iterations``:
-    None scales the paper's 6,400 CIFAR iterations to the training set's size; phase 3's epochs
-    are passes of as many batches as the training set fills, the best on validation kept).
-    ``--head-epochs`` and the head recipe do not apply.  See the module's docstring."""
+    """CAM-based feature augmentation (Chu et al.): phase 1's head tuned on mixed tail features.
+
+    Phase 3 on the shared phase 1: only the phase-1 head is fine-tuned (``lr`` fixed,
+    momentum 0.9, ``batch_size``, ``iterations``: None scales the paper's 6,400 CIFAR
+    iterations to the training set's size; phase 3's epochs are passes of as many batches as
+    the training set fills, the best on validation kept).  ``--head-epochs`` and the head
+    recipe do not apply.  Extracting the maps is timed as ``time/cam_maps_s``.  See the
+    module's docstring."""
 
     defaults = {"tau_s": 0.8, "tau_g": 0.2, "n_confusing": 3, "n_augmented": 3,
                 "head_share": 0.9, "lr": 0.001, "iterations": None, "batch_size": 128}
@@ -202,6 +206,7 @@ class CamFeatureAugmentation(Method):
         from benchmark.pipeline import final_model, normalizer  # the pipeline imports methods
 
         params = self.hyperparameters()
+        start = time.perf_counter()
         head = phase1_head(cell, phase1)
         extractor = final_model(cell, phase1, head).extractor.to(cell.device)
         maps = feature_maps(extractor, cell.data.train.images.to(cell.device), normalizer(cell))
@@ -220,6 +225,7 @@ class CamFeatureAugmentation(Method):
         head_classes, tail_classes = head_and_tail(cell.class_counts, params["head_share"])
         self.prepared = CamPrepared(maps.flatten(2), specific, generic, head_classes,
                                     tail_classes, confusing)
+        cell.timings["cam_maps"] = time.perf_counter() - start
         self.notes.append(f"cam-aug: tail classes {tail_classes}; their confusing classes "
                           f"{confusing[tail_classes].tolist()}")
         return {"cam": cams.cpu().numpy()}

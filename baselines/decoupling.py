@@ -55,9 +55,10 @@ def class_balanced(batches: TensorBatches) -> ClassBalancedBatches:
 
 @METHODS.register("crt")
 class ClassifierRetraining(Method):
-    """cRT: phase 1's representation kept, the head re-initialised and retrained on
-    class-balanced batches (phase 3's schedule; the head recipe's start is ignored: cRT always
-    starts from a fresh head)."""
+    """cRT (Kang et al.): a fresh head retrained on class-balanced batches of the embeddings.
+
+    Phase 3's schedule; the head recipe's start is ignored: cRT always starts from a fresh head
+    (seeded with the training seed)."""
 
     def retrains_head(self) -> bool:
         return True
@@ -88,8 +89,9 @@ class ScaledHead(nn.Module):
 
 @METHODS.register("lws")
 class LearnableWeightScaling(Method):
-    """LWS: phase 1's head frozen; one scale per class learnt on class-balanced batches
-    (phase 3's schedule)."""
+    """LWS (Kang et al.): phase 1's head frozen, one learnt scale per class (balanced batches).
+
+    Phase 3's schedule; the scales start at 1 and multiply the head's logits."""
 
     def retrains_head(self) -> bool:
         return True
@@ -116,8 +118,9 @@ def tau_normalized(head: nn.Module, tau: float) -> nn.Module:
 
 @METHODS.register("tau-norm")
 class TauNormalization(Method):
-    """tau-normalised classifier: phase 1's head (no phase 3) with every class weight vector
-    divided by its norm to the power tau.  ``tau`` None (default) picks it on validation BAC
+    """tau-norm (Kang et al.): phase 1's class weights divided by their norms ** tau, no phase 3.
+
+    ``tau`` None (default) picks it on validation BAC
     over ``grid_size`` evenly spaced values in [0, 2] (the smallest of equal scores), logged as
     ``tau_norm/tau`` with the curve ``tau_norm/val_bac`` (step = 100 tau); a number fixes it.
     Kang et al. drop the bias; it is kept here, so that tau 0 is exactly phase 1's head.  A

@@ -196,13 +196,16 @@ class RareClassSampleGenerator(nn.Module):
 
 @METHODS.register("rsg")
 class RareClassSampleGeneration(Method):
-    """RSG in phase 1 (its own phase 1; best with ``--loss ldam-drw``): the module after
-    backbone ``stage`` (default: the second-to-last, before the last down-sampling stage, as
-    the paper places it: ResNet-32's 32 x 16 x 16 maps), ``centres`` per class, head classes the
-    ``alpha`` share of largest classes, transfer strength ``beta`` (both default to the
-    paper's for the profile: 0.2 and 1.0 long-tailed, 0.5 and 0.01 step), ``lambda1`` (CESC)
-    and ``lambda2`` (MV), generation from the first learning-rate decay; ``variant`` is
-    ``paper`` or ``public-code`` (see the module's docstring).  No phase 3."""
+    """RSG (Wang et al.): a training-only rare-class sample generator in phase 1 (+ ldam-drw).
+
+    Its own phase 1, best with ``--loss ldam-drw``: the module after backbone ``stage``
+    (default: the second-to-last, before the last down-sampling stage, where the paper places
+    it: ResNet-32's 32 x 16 x 16 maps), ``centres`` per class, head classes the ``alpha``
+    share of largest classes, transfer strength ``beta`` (both default to the paper's for the
+    profile: 0.2 and 1.0 long-tailed, 0.5 and 0.01 step), ``lambda1`` (CESC) and ``lambda2``
+    (MV), generation from the first learning-rate decay; ``variant`` is ``paper`` or
+    ``public-code`` (see the module's docstring).  Per-epoch curves ``rsg/cesc``, ``rsg/mv``
+    and ``rsg/generated`` (new samples).  No phase 3."""
 
     defaults = {"variant": "paper", "centres": 15, "alpha": None, "beta": None,
                 "lambda1": 0.1, "lambda2": 0.01, "contrastive_channels": 256, "stage": None}

@@ -7,19 +7,30 @@ The built-in ones (``python -m benchmark list``; the measures are in
 | --- | --- | --- | --- |
 | ``longtail`` | yes | ``longtail/{many,medium,few}_acc``, ``longtail/{many,medium,few}_classes``, ``longtail/many_above``, ``longtail/few_below``, ``longtail/top1_error`` | |
 | ``gap`` | yes | ``gap/tp``, ``gap/fp``, ``gap/real``; ``class/gap_tp_<c>``, ``class/gap_fp_<c>``, ``class/gap_real_<c>`` | ``gap_by_class_size.png``, ``gap_tp_fp.png`` |
-| ``topk`` | yes | ``diag/topk_coverage_{train,tp,fp}_k{2,3,5,7}``; ``class/topk_coverage_{set}_k{K}_<c>`` | ``topk_coverage.png`` |
+| ``topk`` | yes | ``diag/topk_coverage_{train,tp,fp}_k{2,3,5,7}``; ``class/topk_coverage_{set}_k{K}_<c>`` | |
+| ``topk-figure`` | no | as ``topk`` | ``topk_coverage.png`` |
 | ``weights`` | yes | ``diag/fe_frobenius_{tp,fp}``, ``diag/weight_norm_ratio``; ``class/weight_norm_<c>``, ``class/fe_mean_diff_{tp,fp}_<c>``, ``class/fe_top_mean_<c>``, ``class/ce_top_mean_<c>`` | ``weight_norms.png``, ``class_means.npz`` |
 | ``overlap`` | yes | ``diag/{fe,ce}_overlap_{tp,fp}``; ``class/{fe,ce}_overlap_{tp,fp}_<c>`` | |
-| ``eos-record`` | yes (EOS cells only) | ``eos/synthetic``, ``eos/enemy_share``, ``eos/step_mean``, ``eos/fallback_classes``; ``class/eos_enemy_share_<c>``, ``class/eos_step_mean_<c>`` | ``eos_record.csv``, ``eos_record.png`` |
+| ``eos-record`` | yes (EOS cells only) | ``eos/synthetic``, ``eos/enemy_share``, ``eos/step_mean``, ``eos/fallback_classes``; ``class/eos_enemy_share_<c>``, ``class/eos_step_mean_<c>`` | ``eos_record.csv`` |
+| ``eos-figure`` | no | as ``eos-record`` | ``eos_record.csv``, ``eos_record.png`` |
 | ``tsne`` | no | | ``embedding_map.png`` |
 
-Weight norms are those of the final head's class weights as its linear form has them (a
-wrapped or rescaled head included; a cosine head's raw weight rows, which it normalises), and
-of phase 1's head.  Sets: ``train`` is the real long-tailed training subset (by true class); ``tp`` and ``fp`` are
+Sets: ``train`` is the real long-tailed training subset (by true class); ``tp`` and ``fp`` are
 the test set's true and false positives of each *predicted* class (the paper's reference
 class).  Gaps are measured against the embeddings the head was trained on (real plus added,
 as ``gap/overall``); ``gap/real`` against the real subset alone, so the two show what the
-added points did to the footprint.  A mean over classes leaves out classes without members.
+added points did to the footprint.  A range gap grows with the number of test points, so a
+class's few false positives may show a smaller gap than its many true positives.  Weight norms
+are those of the final head's class weights as its linear form has them (a wrapped or
+rescaled head included; a cosine head's raw weight rows, which it normalises) and of phase
+1's head.  Long-tail groups: more than 100 / fewer than 20 training images, both scaled by
+n_max / 500 where the largest class has fewer than 500 (``longtail_thresholds``).  A mean
+over classes leaves out classes without members; such a class logs no per-class value.
+
+Cost: the measures take milliseconds; figures cost most (matplotlib, a quarter to half a
+second each).  The defaults draw three; a ``-figure`` variant draws its diagnostic's own
+(name it instead of the plain one), and ``tsne`` takes seconds (a sample of at most
+``EmbeddingMap.max_points`` points).
 """
 from __future__ import annotations
 
@@ -164,9 +175,12 @@ def added_label(cell: "Cell") -> str:
 
 # Figures -------------------------------------------------------------------------------------
 def pyplot():
-    from benchmark.report import pyplot as report_pyplot
+    import matplotlib
 
-    return report_pyplot()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def class_ticks(ax, view: CellEmbeddings) -> None:
@@ -177,8 +191,20 @@ def class_ticks(ax, view: CellEmbeddings) -> None:
     ax.set_xlabel("class (real training images), largest first")
 
 
-def save(fig, path: Path) -> None:
-    fig.tight_layout()
+# Margins (inches: left, right, bottom, top) of the default figures: a fixed layout costs a
+# third less than matplotlib's tight layout, which every cell would pay.
+DEFAULT_MARGINS = (0.95, 0.15, 0.75, 0.55)
+
+
+def save(fig, path: Path, margins: tuple[float, float, float, float] | None = None) -> None:
+    """Write a PNG; ``margins`` fix the layout (inches), else it is laid out tightly."""
+    if margins is None:
+        fig.tight_layout()
+    else:
+        width, height = fig.get_size_inches()
+        left, right, bottom, top = margins
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                            top=1 - top / height)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
 
@@ -253,13 +279,19 @@ class GapDiagnostic(Diagnostic):
                 ax.annotate(view.classes[c], (view.counts[c], gaps["real"][c]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         if max(view.counts) >= 5 * max(1, min(view.counts)):
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_xscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("real training images of the class")
         ax.set_ylabel("generalization gap (Manhattan, floored)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"Gap per class against class size\n{title_of(cell)}", fontsize=9)
-        save(fig, path)
+        save(fig, path, DEFAULT_MARGINS)
 
     @staticmethod
     def plot_tp_fp(cell, view: CellEmbeddings, gaps: dict, path: Path) -> None:
@@ -279,7 +311,7 @@ class GapDiagnostic(Diagnostic):
         ax.grid(alpha=0.3, axis="y")
         ax.set_title(f"Gap of test true vs false positives per predicted class\n"
                      f"{title_of(cell)}", fontsize=9)
-        save(fig, path)
+        save(fig, path, DEFAULT_MARGINS)
 
 
 # Top-K coverage -------------------------------------------------------------------------------
@@ -288,6 +320,7 @@ class TopKCoverage(Diagnostic):
     """Top-K coverage (K = 2, 3, 5, 7) of the class embeddings, per class and overall, for train, test TP and FP."""
 
     default = True
+    draws = False  # its figure: ``topk-figure``
 
     def on_cell_end(self, cell, results, folder):
         view = cell_embeddings(cell, results)
@@ -305,7 +338,8 @@ class TopKCoverage(Diagnostic):
                 metrics[f"diag/topk_coverage_{name}_k{k}"] = float(covered[:, i].mean())
                 metrics.update({per_class(f"topk_coverage_{name}_k{k}", c): shares[name][c, i]
                                 for c in range(view.num_classes)})
-        self.plot(cell, view, shares, folder / "topk_coverage.png")
+        if self.draws:
+            self.plot(cell, view, shares, folder / "topk_coverage.png")
         return finite(metrics)
 
     @staticmethod
@@ -327,6 +361,14 @@ class TopKCoverage(Diagnostic):
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"Top-K coverage per predicted class: {title_of(cell)}", fontsize=9)
         save(fig, path)
+
+
+@DIAGNOSTICS.register("topk-figure")
+class TopKCoverageFigure(TopKCoverage):
+    """The topk diagnostic with its per-class figure (opt-in: the figure costs about half a second)."""
+
+    default = False
+    draws = True
 
 
 # Weights and mean magnitudes -------------------------------------------------------------------
@@ -384,7 +426,7 @@ class WeightsAndMagnitudes(Diagnostic):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"Classifier weight norms per class\n{title_of(cell)}", fontsize=9)
-        save(fig, path)
+        save(fig, path, DEFAULT_MARGINS)
 
 
 # Feature identities ---------------------------------------------------------------------------
@@ -421,6 +463,7 @@ class EOSRecord(Diagnostic):
     """EOS's record per class: synthetic points, share of enemy partners, step sizes, fallback classes."""
 
     default = True
+    draws = False  # its figure: ``eos-figure``
 
     def on_cell_end(self, cell, results, folder):
         sampler = fitted_eos(cell, results)
@@ -434,7 +477,8 @@ class EOSRecord(Diagnostic):
 
         pd.DataFrame({"class": view.classes, "train_real": view.counts, **record}).to_csv(
             folder / "eos_record.csv", index=False)
-        self.plot(cell, view, record, sampler.steps_, folder / "eos_record.png")
+        if self.draws:
+            self.plot(cell, view, record, sampler.steps_, folder / "eos_record.png")
         metrics = {"eos/synthetic": float(len(sampler.steps_)),
                    "eos/fallback_classes": float(record["fallback"].sum())}
         if len(sampler.steps_):
@@ -471,6 +515,14 @@ class EOSRecord(Diagnostic):
         axes[2].set_ylabel("synthetic points")
         fig.suptitle(f"EOS record: {title_of(cell)}", fontsize=9)
         save(fig, path)
+
+
+@DIAGNOSTICS.register("eos-figure")
+class EOSRecordFigure(EOSRecord):
+    """The eos-record diagnostic with its figure (opt-in: the figure costs about half a second)."""
+
+    default = False
+    draws = True
 
 
 def fitted_eos(cell: "Cell", results: dict):

@@ -25,8 +25,10 @@ import math
 import numpy as np
 import torch
 
-# Query rows per chunk: enough that the distance block of one chunk holds about this many bytes.
-CPU_CHUNK_BYTES = 2**27
+# Query rows per chunk: enough that the distance block of one chunk holds about this many bytes
+# (on the CPU, larger products spread the packing of the points better: 1,158 rows at 115,846
+# points do 141 GFLOP per CPU-second here, 289 rows 120).
+CPU_CHUNK_BYTES = 2**29
 CUDA_CHUNK_BYTES = 2**30
 # Groups of the two-level selection: each row's minima are taken over this many slots.
 GROUP = 32

@@ -470,6 +470,10 @@ def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class:
         "test_support": cm.sum(axis=1), "gap": gap_per_class})
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp, "per_class.csv"), index=False)
+        # The final head alone (small); the extractor's weights are in phase1/ of the run
+        # that trained it, and the whole model in the MLflow model.
+        torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()},
+                   Path(tmp, "head.pt"))
         if len(train_x) > len(phase1.embeddings["train_x"]):
             np.savez_compressed(Path(tmp, "resampled_train.npz"), x=train_x, y=train_y)
         plot_confusion(cm, classes, Path(tmp, "confusion_matrix.png"))

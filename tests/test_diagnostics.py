@@ -176,13 +176,14 @@ def test_defaults_are_the_cheap_ones():
                                     "eos-record"}
 
 
-def test_default_eos_run_logs_the_analyses_and_tsne_marks_synthetic_points(
+def test_eos_run_logs_the_analyses_their_figures_and_the_tsne_map(
         mlflow_store, tiny_config, monkeypatch):
     from benchmark.diagnostics import EmbeddingMap
     from benchmark.pipeline import run_cell
 
     monkeypatch.setattr(EmbeddingMap, "max_points", 120)  # t-SNE's cost, not its behaviour
-    result = run_cell(tiny_config(diagnostics=default_names() + ["tsne"]), progress=False)
+    chosen = ["longtail", "gap", "topk-figure", "weights", "overlap", "eos-figure", "tsne"]
+    result = run_cell(tiny_config(diagnostics=chosen), progress=False)
     metrics = mlflow.get_run(result["run_id"]).data.metrics
     for name in ("longtail/many_acc", "longtail/medium_acc", "longtail/many_above",
                  "longtail/few_below", "longtail/top1_error", "gap/tp", "gap/real",
@@ -194,7 +195,8 @@ def test_default_eos_run_logs_the_analyses_and_tsne_marks_synthetic_points(
     assert "class/weight_norm_0" in metrics and "class/topk_coverage_train_k2_9" in metrics
     assert {"diagnostics/gap_by_class_size.png", "diagnostics/gap_tp_fp.png",
             "diagnostics/weight_norms.png", "diagnostics/topk_coverage.png",
-            "diagnostics/eos_record.csv", "diagnostics/embedding_map.png"} <= artifacts(
+            "diagnostics/eos_record.csv", "diagnostics/eos_record.png",
+            "diagnostics/embedding_map.png"} <= artifacts(
         result["run_id"])
     record = pd.read_csv(mlflow.artifacts.download_artifacts(
         run_id=result["run_id"], artifact_path="diagnostics/eos_record.csv"))
@@ -225,19 +227,21 @@ def test_balanced_head_retrains_on_real_pool_embeddings_of_phase1s_extractor(
     import baselines.balanced_head as balanced_head
     from benchmark.cell import Cell
     from benchmark.methods import make_method
-    from benchmark.pipeline import load_phase1, prepare_data
+    from benchmark.pipeline import load_phase1, pick_device, prepare_data
 
     cfg = tiny_config(method="balanced-head").resolved()
     data = prepare_data(cfg)
     monkeypatch.setattr(balanced_head, "pool_top_up", lambda *args: data.train_indices[3:9])
     method = make_method("balanced-head")
-    cell = Cell(cfg=cfg, method=method, data=data, device=torch.device("cpu"), loss=None,
+    cell = Cell(cfg=cfg, method=method, data=data, device=pick_device(cfg.device), loss=None,
                 progress=False)
     phase1 = load_phase1(first["run_id"])
     method.phase2_outputs(cell, phase1)
     x, y = method.embedding_resampler(0).fit_resample(phase1.embeddings["train_x"][:2],
                                                       phase1.embeddings["train_y"][:2])
-    np.testing.assert_allclose(x[2:], phase1.embeddings["train_x"][3:9], rtol=1e-4, atol=1e-4)
+    expected = phase1.embeddings["train_x"][3:9]
+    # On CUDA phase 1 embedded in channels-last with TF32 convolutions: equal to about 1e-3.
+    np.testing.assert_allclose(x[2:], expected, rtol=0, atol=1e-2 * np.abs(expected).max())
     assert y.tolist() == phase1.embeddings["train_y"][[0, 1, 3, 4, 5, 6, 7, 8]].tolist()
 
 

@@ -33,7 +33,7 @@ def test_eos_cell_logs_a_finished_run_with_every_metric_and_artifact(mlflow_stor
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "phase1")}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "results")}
     assert {"phase1/model.pt", "phase1/embeddings.npz", "results/per_class.csv",
-            "results/confusion_matrix.png", "results/model.pt",
+            "results/confusion_matrix.png", "results/head.pt",
             "results/resampled_train.npz"} <= artifacts
     # The exact training subset is a dataset input whose digest identifies it.
     inputs = run.inputs.dataset_inputs

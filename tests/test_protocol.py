@@ -107,6 +107,6 @@ def test_reference_head_recipe_warms_up_from_a_fresh_head(mlflow_store, tiny_con
     assert run.info.status == "FINISHED" and run.data.params["head_recipe"] == "reference"
     plain = run_cell(tiny_config(epochs=1, head_epochs=2), progress=False)
     assert plain["phase1_run_id"] == result["phase1_run_id"]  # the recipe is phase 3 only
-    heads = [torch.load(tracking.download_artifacts(r["run_id"], "results") / "model.pt",
-                        weights_only=True)["head.weight"] for r in (plain, result)]
+    heads = [torch.load(tracking.download_artifacts(r["run_id"], "results") / "head.pt",
+                        weights_only=True)["weight"] for r in (plain, result)]
     assert not torch.equal(*heads)

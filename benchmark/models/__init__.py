@@ -44,6 +44,17 @@ def linear_head(embedding_dim: int, num_classes: int) -> nn.Module:
     return head
 
 
+class BlockStages:
+    """``stages()`` for an extractor whose ``layers`` hold ``blocks_per_stage`` blocks for each
+    of its 3 stages (CIFAR ResNets, WideResNets)."""
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The last block of each stage (the second and third start by halving the
+        resolution)."""
+        n = self.blocks_per_stage
+        return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
+
+
 def backbone_stages(extractor: nn.Module) -> dict[str, nn.Module]:
     """The named stages of an extractor, in order: ``{name: module whose output ends it}``.
 

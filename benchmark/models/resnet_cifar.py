@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.models import BlockStages
 from benchmark.registry import BACKBONES
 
 
@@ -38,7 +39,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(BlockStages, nn.Module):
     """Extractor: 3 stages of ``(depth - 2) / 6`` basic blocks (16/32/64 channels, strides
     1/2/2), global average pooling; the embedding is 64-d and non-negative (after ReLU)."""
 
@@ -61,12 +62,6 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
-
-    def stages(self) -> dict[str, nn.Module]:
-        """The last block of each of the 3 stages (the second and third start by halving the
-        resolution)."""
-        n = self.blocks_per_stage
-        return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The maps the embedding pools: ``[N, embedding_dim, H, W]``."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import UserError
+from benchmark.models import BlockStages
 from benchmark.registry import BACKBONES
 
 # The EOS paper's WideResNet has "approx. 5X" the parameters of its ResNet-56 (0.85M) and
@@ -36,7 +37,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(BlockStages, nn.Module):
     """Extractor: a 16-channel stem, 3 stages of ``(depth - 4) / 6`` pre-activation blocks with
     16k/32k/64k channels (strides 1/2/2), a final BN-ReLU and global average pooling; the
     embedding is 64k-d and non-negative."""
@@ -63,12 +64,6 @@ class WideResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def stages(self) -> dict[str, nn.Module]:
-        """The last block of each of the 3 stages (the second and third start by halving the
-        resolution)."""
-        n = self.blocks_per_stage
-        return {f"stage{i + 1}": self.layers[(i + 1) * n - 1] for i in range(3)}
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The maps the embedding pools (after the final BN-ReLU)."""
