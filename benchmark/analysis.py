@@ -1,4 +1,4 @@
-"""The papers' embedding analyses across a grid: gap against imbalance ratio, top-K coverage, weight norms.
+"""The papers' embedding analyses across a grid: gap by ratio, top-K coverage, weight norms.
 
 Figures from the metrics the diagnostics log into every cell (``benchmark.diagnostics``), read
 back from MLflow through the report's gathering (``benchmark.report.gather_runs``), means

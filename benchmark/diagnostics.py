@@ -34,6 +34,7 @@ second each).  The defaults draw three; a ``-figure`` variant draws its diagnost
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from benchmark import diagnostics_measures as measures
+from benchmark.errors import one_line
 from benchmark.metrics import generalization_gap
 from benchmark.registry import DIAGNOSTICS
 
@@ -56,12 +58,12 @@ class Diagnostic:
     ``on_epoch_end(cell, phase, epoch, record)`` sees every epoch of phases 1 and 3;
     ``on_cell_end(cell, results, folder)`` runs after the test evaluation with ``results``
     (``phase1``: embeddings and weights, ``head``, ``train_x``/``train_y``: the embeddings the
-    head was trained on, ``metrics``, ``confusion``, and ``resampler`` where the pipeline hands
-    it over), writes figures into ``folder`` (logged under ``diagnostics/``) and returns
-    metrics to log.
+    head was trained on, ``metrics``, ``confusion``, ``resampler``: the fitted sampler or None),
+    writes figures into ``folder`` (logged under ``diagnostics/``) and returns metrics to log.
     """
 
     default: bool = False
+    name: str = ""  # the registered name, set by ``chosen``
 
     def on_epoch_end(self, cell: "Cell", phase: str, epoch: int, record: dict) -> None:
         pass
@@ -77,19 +79,35 @@ def default_names() -> list[str]:
 def chosen(names: list[str] | None) -> list[Diagnostic]:
     """The diagnostics a cell runs: ``names`` (unknown names fail in one line), or the defaults
     when ``None``."""
-    return [DIAGNOSTICS.create(name) for name in (default_names() if names is None else names)]
+    made = []
+    for name in default_names() if names is None else names:
+        diagnostic = DIAGNOSTICS.create(name)
+        diagnostic.name = name
+        made.append(diagnostic)
+    return made
 
 
 def run_diagnostics(cell: "Cell", results: dict, diagnostics: list[Diagnostic]) -> None:
-    """Every diagnostic's end-of-cell analysis, logged into the cell's run."""
+    """Every diagnostic's end-of-cell analysis, logged into the cell's run.  A diagnostic
+    that fails costs only its own output (a warning line, and its name in the run's tag
+    ``diagnostics_failed``): the cell's scores are already computed and still get logged."""
     if not diagnostics:
         return
     metrics: dict[str, float] = {}
+    failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for diagnostic in diagnostics:
-            metrics.update(diagnostic.on_cell_end(cell, results, Path(tmp)))
+            try:
+                metrics.update(diagnostic.on_cell_end(cell, results, Path(tmp)))
+            except Exception as err:  # an analysis must not cost the run it analyses
+                name = diagnostic.name or type(diagnostic).__name__
+                failed.append(name)
+                print(f"warning: diagnostic {name} failed and is left out: "
+                      f"{type(err).__name__}: {one_line(err)}", file=sys.stderr)
         if any(Path(tmp).iterdir()):
             cell.run.log_artifacts(tmp, "diagnostics")
+    if failed:
+        cell.run.set_tags({"diagnostics_failed": ", ".join(failed)})
     cell.log_metrics(metrics)
 
 
@@ -466,7 +484,7 @@ class EOSRecord(Diagnostic):
     draws = False  # its figure: ``eos-figure``
 
     def on_cell_end(self, cell, results, folder):
-        sampler = fitted_eos(cell, results)
+        sampler = fitted_eos(results)
         if sampler is None:
             return {}
         view = cell_embeddings(cell, results)
@@ -525,26 +543,15 @@ class EOSRecordFigure(EOSRecord):
     draws = True
 
 
-def fitted_eos(cell: "Cell", results: dict):
-    """The EOS sampler that made the head's training set: the pipeline's (``results
-    ["resampler"]``) when it hands it over; else the method's sampler fitted again with the
-    cell's seed, kept only if it reproduces the head's training set exactly.  None for a cell
-    without EOS."""
-    from benchmark.eos import EOS
-
+def fitted_eos(results: dict):
+    """The fitted sampler that made the head's training set (the pipeline's
+    ``results["resampler"]``) when it kept EOS's record of every point, else None."""
     sampler = results.get("resampler")
-    if sampler is not None:
-        return sampler if isinstance(sampler, EOS) and hasattr(sampler, "steps_") else None
-    if not cell.method.retrains_head():
-        return None
-    sampler = cell.method.embedding_resampler(random_state=cell.cfg.seed)
-    if not isinstance(sampler, EOS):
-        return None
-    emb = results["phase1"].embeddings
-    x, y = sampler.fit_resample(emb["train_x"], emb["train_y"])
-    if not (np.array_equal(x, results["train_x"]) and np.array_equal(y, results["train_y"])):
-        return None  # a tie in the neighbour search went the other way: no exact record
-    return sampler
+    return sampler if all(hasattr(sampler, name) for name in EOS_RECORD) else None
+
+
+# What a fitted EOS sampler records of every synthetic point (``benchmark.eos.EOS``).
+EOS_RECORD = ("base_indices_", "partner_indices_", "steps_", "fallback_classes_")
 
 
 # The embedding map ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The diagnostics' measures as functions on arrays: long-tail groups, top-K coverage, norms, overlaps.
+"""The diagnostics' measures on arrays: long-tail groups, top-K coverage, norms, overlaps.
 
 Definitions follow METHODS.md ("Generalization gap", "Embedding analysis"):
 

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops_per_cpu_s": max(cpu_rate, cpu_rate_after) / 1e9, "cpu_bound_s": cpu_bound,
         "wall_s": wall, "cpu_s": cpu, "search_s": searched["seconds"],
         "fallback_classes": len(fallback), "fallback_search_rows": fallback_rows,
-        "ratio_to_bound": wall / bound, "cpu_ratio_to_cpu_bound": cpu / cpu_bound, "peak_rss_bytes": peak, "rss_before_call_bytes": before,
+        "ratio_to_bound": wall / bound, "cpu_ratio_to_cpu_bound": cpu / cpu_bound,
+        "peak_rss_bytes": peak, "rss_before_call_bytes": before,
         "peak_since_start_of_call": reset, "balanced": balanced, "input_rows_kept": kept}
     print(f"{what}: {wall:.1f} s wall, {cpu:.1f} s CPU, of which neighbour searches "
           f"{searched['seconds']:.1f} s ({len(fallback)} fallback classes, "

@@ -7,12 +7,13 @@ The neighbour search is exact and runs through torch on the CPU or on a CUDA dev
 distances of a chunk of query rows to every point by one matrix product
 (``|y|^2 - 2 x.y``, the query's own ``|x|^2`` being the same along its row), in the data's
 float type after centring the data (which keeps the products' cancellation small), then the k
-smallest per row.  The k smallest come from a two-level selection: the row's columns are dealt
-into ``GROUP`` interleaved groups' worth of slots, the k groups with the smallest minima are
-kept, and the k smallest among their members are the k smallest of the row (every point
-nearer than the k-th lies in a group whose minimum is at most its distance, so at most k - 1
-groups rank before its own).  That turns a full top-k over every distance into one
-elementwise minimum pass, as cheap as reading the chunk once.
+smallest per row.  The k smallest come from a two-level selection: the row's n columns are
+dealt into W = n / ``GROUP`` interleaved groups of ``GROUP`` columns (column j in group
+j mod W), the k groups with the smallest minima are kept, and the k smallest among their
+members are the k smallest of the row (every point nearer than the k-th lies in a group whose
+minimum is at most its distance, so at most k - 1 groups rank before its own).  That turns a
+full top-k over every distance into one elementwise minimum pass, as cheap as reading the
+chunk once, and a top-k over W minima.
 
 The new rows go straight into one preallocated output, in chunks, computed where the search
 ran (torch's CPU threads, or the GPU with each chunk copied back), with the float operations of
@@ -30,7 +31,7 @@ import torch
 # points do 141 GFLOP per CPU-second here, 289 rows 120).
 CPU_CHUNK_BYTES = 2**29
 CUDA_CHUNK_BYTES = 2**30
-# Groups of the two-level selection: each row's minima are taken over this many slots.
+# Columns per group of the two-level selection.
 GROUP = 32
 
 

@@ -190,7 +190,7 @@ class SamplerMethod(Method):
     sampler: str
     fixed: dict = {}
     neighbour_params: tuple[str, ...] = ()
-    RESERVED = ("random_state", "sampling_strategy", "n_jobs")
+    RESERVED = ("random_state", "sampling_strategy", "n_jobs", "device")
 
     def sampler_class(self) -> Any:
         module, name = self.sampler.split(":")

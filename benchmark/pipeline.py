@@ -575,6 +575,8 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     cell = Cell(cfg=cfg, method=method, data=data, device=device, loss=loss, progress=progress,
                 callbacks=[method, *diagnostics])
     resampler = method.embedding_resampler(random_state=cfg.seed)
+    if resampler is not None and device.type == "cuda" and "device" in resampler.get_params():
+        resampler.set_params(device=str(device))  # a sampler's neighbour search on the GPU
     key, training_key = cfg.phase1_key(), cfg.training_set_key()
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
     resume_run = tracking.find_resumable_run(key) if source_run is None and reuse_phase1 else None

@@ -22,6 +22,7 @@ figures.  Imports torch, NumPy and the suite only (no MLflow, Optuna or imbalanc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -72,8 +73,26 @@ def long_tailed_cell(scale: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     return pool.subset(torch.from_numpy(train_idx)), pool.subset(torch.from_numpy(val_idx))
 
 
+@contextlib.contextmanager
+def counting_captures():
+    """``fit``'s graph captures that succeed in the block, counted in the dict it yields."""
+    counted = {"captures": 0}
+    capture = train.capture_graph
+
+    def counting_capture(run, where):
+        replay = capture(run, where)
+        counted["captures"] += 1
+        return replay
+
+    train.capture_graph = counting_capture
+    try:
+        yield counted
+    finally:
+        train.capture_graph = capture
+
+
 def suite_loop(cell: tuple[ImageSet, ImageSet], device: torch.device, graph: bool,
-               epochs: int, batch_size: int, captures: list | None = None) -> dict:
+               epochs: int, batch_size: int) -> dict:
     """Phase 1 as ``pipeline.train_phase1`` runs it (without the tracking): images per
     second over every epoch after the first, the first epoch's seconds, the losses."""
     training, validation = cell
@@ -94,12 +113,13 @@ def suite_loop(cell: tuple[ImageSet, ImageSet], device: torch.device, graph: boo
     stamps = []
     sync(device)
     start = time.perf_counter()
-    result = fit(model, batches, loss, Schedule(epochs=epochs, batch_size=batch_size), validate,
-                 on_epoch=lambda epoch, record: stamps.append(time.perf_counter()), amp=cuda,
-                 graph=graph)
+    with counting_captures() as counted:
+        result = fit(model, batches, loss, Schedule(epochs=epochs, batch_size=batch_size),
+                     validate, on_epoch=lambda epoch, record: stamps.append(time.perf_counter()),
+                     amp=cuda, graph=graph)
     steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else math.nan
     return {"images_per_s": len(training) / steady, "first_epoch_s": stamps[0] - start,
-            "epoch_s": steady, "images": len(training),
+            "epoch_s": steady, "images": len(training), "captures": counted["captures"],
             "train_loss": [r["train_loss"] for r in result.history]}
 
 
@@ -170,32 +190,21 @@ def graph_check(device: torch.device, epochs: int = 4, batch_size: int = 128) ->
     cuda = device.type == "cuda"
     normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, channels_last=cuda)
     augment = Augment(padding=4, hflip=True)
-    counted = {"captures": 0}
-    capture = train.capture_graph
-
-    def counting_capture(run, where):
-        counted["captures"] += 1
-        return capture(run, where)
-
-    train.capture_graph = counting_capture
     histories = {}
-    try:
-        for name, graph, weighting in (("graph", True, "none"), ("eager", False, "none"),
-                                       ("graph-drw", True, "drw")):
-            if graph and not cuda:
-                continue
-            batches = TensorBatches(images, labels, batch_size, torch.Generator().manual_seed(1),
-                                    transform=lambda x, g: normalize(augment(x, g)))
-            model = resnet32(device)
-            schedule = Schedule(epochs=epochs, lr=0.02, batch_size=batch_size)
-            loss = CrossEntropy(torch.bincount(labels.cpu(), minlength=10).tolist(), schedule,
-                                weighting=weighting)
-            before = counted["captures"]
+    for name, graph, weighting in (("graph", True, "none"), ("eager", False, "none"),
+                                   ("graph-drw", True, "drw")):
+        if graph and not cuda:
+            continue
+        batches = TensorBatches(images, labels, batch_size, torch.Generator().manual_seed(1),
+                                transform=lambda x, g: normalize(augment(x, g)))
+        model = resnet32(device)
+        schedule = Schedule(epochs=epochs, lr=0.02, batch_size=batch_size)
+        loss = CrossEntropy(torch.bincount(labels.cpu(), minlength=10).tolist(), schedule,
+                            weighting=weighting)
+        with counting_captures() as counted:
             result = fit(model, batches, loss, schedule, lambda: 0.0, amp=cuda, graph=graph)
-            histories[name] = {"train_loss": [r["train_loss"] for r in result.history],
-                               "captures": counted["captures"] - before}
-    finally:
-        train.capture_graph = capture
+        histories[name] = {"train_loss": [r["train_loss"] for r in result.history],
+                           "captures": counted["captures"]}
     eager = histories["eager"]["train_loss"]
     report = {"histories": histories, "ok": True, "problems": []}
     if eager[-1] > 0.5 * math.log(10):
@@ -304,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.batch_size)
         print(f"suite phase-1 loop, {name:5}: {rate['images_per_s']:9,.0f} images/s "
               f"({rate['epoch_s']:.3f} s/epoch after a first epoch of "
-              f"{rate['first_epoch_s']:.2f} s; losses "
+              f"{rate['first_epoch_s']:.2f} s; {rate['captures']} graph capture(s); losses "
               f"{', '.join(f'{v:.3f}' for v in rate['train_loss'])})")
+        if graph and rate["captures"] == 0:
+            print("WARNING: the graph path captured nothing: this rate is eager")
     figures["bare_eager"] = bare_step_rate(device, args.batch_size, args.steps, graphed=False)
     print(f"bare step, eager:        {figures['bare_eager']:9,.0f} images/s")
     if cuda:

@@ -296,10 +296,12 @@ class GraphedSteps:
     batch) runs eagerly, on the graph's own gradient tensors.  Every step is a real step of
     the schedule: warm-up and capture change nothing in the recipe.
 
-    The graph is captured again, after one more eager step, when the loss's plain attributes
-    or buffers have changed at an epoch's start (deferred re-weighting switching on).  If a
-    capture fails (a step that synchronises with the host), training goes on eagerly with a
-    warning.
+    The graph is captured again, after one more eager step, when the Python side of the loss
+    or the model has changed at an epoch's start (``state_key``: deferred re-weighting
+    switching on, a flag a method flips between epochs).  Within an epoch the step must
+    compute the same thing from the same tensors (``fit``'s "auto" takes only steps that do).
+    If a capture fails (a step that synchronises with the host), training goes on eagerly
+    with a warning.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, step: Callable,
@@ -378,13 +380,23 @@ class GraphedSteps:
         self.replay()
 
     def state_key(self) -> tuple:
-        """What the captured graph took from the loss's Python side: its plain attributes
-        (a re-weighting switch) and where its buffers live."""
-        plain = sorted((name, value) for name, value in getattr(self.loss_fn, "__dict__", {}).items()
-                       if isinstance(value, (bool, int, float, str, type(None))))
-        buffers = [(name, buffer.data_ptr()) for name, buffer in self.loss_fn.named_buffers()] \
-            if isinstance(self.loss_fn, nn.Module) else []
-        return tuple(plain), tuple(buffers)
+        """What a captured graph took from the Python side of the loss and the model: every
+        module's plain attributes (a re-weighting switch, a flag a method sets between
+        epochs), its hooks (a module inserted or taken out) and where its parameters and
+        buffers live."""
+        modules = [self.loss_fn, *self.model.modules()]
+        plain = tuple(
+            tuple(sorted((name, value) for name, value in getattr(module, "__dict__", {}).items()
+                         if isinstance(value, (bool, int, float, str, type(None)))))
+            for module in modules)
+        torch_modules = [module for module in modules if isinstance(module, nn.Module)]
+        hooks = tuple(tuple(getattr(module, kind).keys()) for module in torch_modules
+                      for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                                   "_backward_pre_hooks"))
+        tensors = tuple((name, tensor.data_ptr()) for module in torch_modules
+                        for name, tensor in [*module.named_parameters(recurse=False),
+                                             *module.named_buffers(recurse=False)])
+        return plain, hooks, tensors
 
     @contextlib.contextmanager
     def side_stream(self):

@@ -285,3 +285,22 @@ def test_analysis_figures_across_a_grid(tmp_path):
     assert all(path.stat().st_size > 0 for _, path in written)
     runs = tidy_runs_by_hand().drop(columns=[c for c in tidy_runs_by_hand() if "/" in c])
     assert analysis_figures(runs, tmp_path / "none") == []  # no diagnostics logged: no figure
+
+
+def test_a_failing_diagnostic_costs_only_its_own_output(mlflow_store, tiny_config,
+                                                        monkeypatch, capsys):
+    from benchmark.diagnostics import GapDiagnostic
+    from benchmark.pipeline import run_cell
+
+    def broken(self, cell, results, folder):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(GapDiagnostic, "on_cell_end", broken)
+    result = run_cell(tiny_config(method="none", diagnostics=["gap", "longtail"]),
+                      progress=False)
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and "test/bac" in run.data.metrics
+    assert "longtail/top1_error" in run.data.metrics
+    assert run.data.tags["diagnostics_failed"] == "gap"
+    assert "diagnostic gap failed and is left out: ValueError: boom" in \
+        capsys.readouterr().err

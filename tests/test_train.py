@@ -152,3 +152,39 @@ def test_graph_needs_cuda_and_auto_stays_eager_on_the_cpu(monkeypatch):
     assert never.captures == 0
     _, batches = small_problem()
     assert batches.device_generator is None and batches.draws is batches.generator
+
+
+class Doubling(torch.nn.Module):
+    """A module whose Python-side flag a method flips between epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.doubling = False
+
+    def forward(self, x):
+        return 2 * x if self.doubling else x
+
+
+def test_graph_is_captured_again_when_a_model_flag_changes(graphs_on_cpu):
+    model, batches = small_problem()
+    model.append(Doubling())
+
+    def flip(epoch, record):
+        model[-1].doubling = epoch >= 2
+
+    fit(model, batches, torch.nn.CrossEntropyLoss(), Schedule(epochs=4), lambda: 0.0,
+        on_epoch=flip, graph=True)
+    assert graphs_on_cpu.captures == 2
+
+
+def test_graph_is_captured_again_when_a_hook_comes_or_goes(graphs_on_cpu):
+    model, batches = small_problem()
+    handles = []
+
+    def hook_from_epoch_2(epoch, record):
+        if epoch == 2:
+            handles.append(model[0].register_forward_hook(lambda _m, _i, out: out * 0.5))
+
+    fit(model, batches, torch.nn.CrossEntropyLoss(), Schedule(epochs=4), lambda: 0.0,
+        on_epoch=hook_from_epoch_2, graph=True)
+    assert graphs_on_cpu.captures == 2
