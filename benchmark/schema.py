@@ -11,6 +11,10 @@ Metric names are grouped with "/" so that MLflow's chart view shows them in sect
 | ``time/<stage>_s`` | seconds per stage (``training_set``, ``phase1``, ``phase2``, ``resample``, ``phase3``; ``phase1_load`` and ``wall`` besides) |
 | ``gap/overall`` | the EOS paper's generalization gap of the embeddings the head was trained on |
 | ``class/recall_<c>``, ``class/gap_<c>`` | per class c (also as the table ``per_class.json``) |
+| ``longtail/many_acc``, ``longtail/medium_acc``, ``longtail/few_acc``, ``longtail/top1_error`` | long-tail splits by training images (diagnostic ``longtail``) |
+| ``gap/tp``, ``gap/fp``, ``gap/real``, ``diag/*``, ``eos/*``, more ``class/*_<c>`` | the diagnostics' analyses (``benchmark/diagnostics.py``) |
+| ``grid/cells_done``, ``grid/cells_failed``, ``grid/cells_total`` | a grid's parent run |
+| ``study/best_val_bac``, ``study/completed_trials``, ``final/test/*`` | a study's parent run |
 
 Runs logged before this schema used ``test_bac``, ``time_phase1_s``, ... ; their phase-1 code
 version is older, so no cached stage mixes the two, and the report reads only these names.

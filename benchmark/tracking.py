@@ -47,6 +47,11 @@ STALE_AFTER_SECONDS = 15 * 60
 FLUSH_SECONDS = 2.0
 
 
+# MLflow announces the start and end of its system-metrics sampler on every run; progress bars
+# and the closing summary line are what a user should see.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
 def _mlflow():
     import mlflow
 
