@@ -185,8 +185,10 @@ def plot_weight_norms(runs: pd.DataFrame, counts: list[int], title: str, path: P
 
 
 def save(fig, path: Path) -> None:
+    """PNG at ``path`` and a PDF beside it (the report logs both)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    fig.savefig(path.with_suffix(".pdf"))
     pyplot().close(fig)
 
 

@@ -1235,7 +1235,8 @@ def report_title(report: Report) -> str:
     return f"{what}: {experiments_text(report.experiments, MARKDOWN)[:-1]}"
 
 
-def write_report(report: Report, out: Path, formats: tuple[str, ...]) -> tuple[list[Path], str]:
+def write_report(report: Report, out: Path, formats: tuple[str, ...],
+                 analysis: bool = False) -> tuple[list[Path], str]:
     """Write under ``out`` the figures, every table in ``formats`` (with LaTeX, also the PDF
     of them all where pdflatex exists) and ``runs.json``; returns the files (tables first,
     then the markdown, the PDF, the run list and the figures) and the markdown text ('' unless
@@ -1243,6 +1244,11 @@ def write_report(report: Report, out: Path, formats: tuple[str, ...]) -> tuple[l
     that the markdown's links work on disk and in MLflow alike."""
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(report, out)
+    if analysis:
+        from benchmark.analysis import analysis_figures
+
+        figures += [Figure(title, path.parent, path.stem)
+                    for title, path in analysis_figures(report.runs, out, report.prefix)]
     tables = report.tables()
     written: list[Path] = []
     tex_files: list[Path] = []
@@ -1309,6 +1315,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "of its cell keys), from its experiment, methods in its order; "
                              "specs named table1, table2, table4 or table5 get the paper's "
                              "layout")
+    parser.add_argument("--analysis", action="store_true",
+                        help="add the diagnostics' figures across the runs (gap against "
+                             "imbalance ratio, top-K coverage by class size, weight norms); a "
+                             "grid spec turns them on with `analysis: true`")
     parser.add_argument("--reference", metavar="METHOD",
                         help="method whose total time the runtime tables divide each total "
                              "by (column 'vs METHOD'; a dash in a table without it); default: "
@@ -1347,6 +1357,7 @@ class Scope:
     reference: str = DEFAULT_REFERENCE
     methods: tuple[str, ...] | None = None  # their order; None: ``method_order``
     groups: dict[str, tuple[str, ...]] | None = None  # row group -> its methods
+    analysis: bool = False  # the diagnostics' figures across the runs (benchmark.analysis)
 
 
 def scope_of(args: argparse.Namespace) -> Scope:
@@ -1366,7 +1377,7 @@ def scope_of(args: argparse.Namespace) -> Scope:
     return Scope(experiments or [grid.experiment], keys, grid.name,
                  PAPER_LAYOUTS.get(grid.name, GENERIC),
                  reference or spec_reference(spec, methods, args.grid), methods,
-                 spec_groups(spec, methods, args.grid))
+                 spec_groups(spec, methods, args.grid), bool(spec.get("analysis", False)))
 
 
 def spec_reference(spec: dict, methods: tuple[str, ...], where: str) -> str:
@@ -1431,7 +1442,8 @@ def make_report(args: argparse.Namespace) -> int:
         print(f"note: no run of the reference method '{scope.reference}': the runtime tables' "
               f"'{ratio_title(scope.reference)}' column is a dash (choose one with --reference)",
               file=sys.stderr)
-    written, markdown = write_report(report, Path(args.out), FORMATS[output_format])
+    written, markdown = write_report(report, Path(args.out), FORMATS[output_format],
+                                     analysis=args.analysis or scope.analysis)
     if output_format == "markdown":
         print(markdown, end="")
     for path in written:

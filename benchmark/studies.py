@@ -111,7 +111,7 @@ GRID_AXES = {"datasets": "dataset", "losses": "loss", "methods": "method",
 # What a block (a partial spec) may set; the top level also names the grid and its experiment.
 # `reference` and `groups` shape the grid's report (see benchmark.report).
 BLOCK_KEYS = ("settings", "method_params", "description", *GRID_AXES)
-GRID_KEYS = ("name", "experiment", "blocks", "reference", "groups", *BLOCK_KEYS)
+GRID_KEYS = ("name", "experiment", "blocks", "reference", "groups", "analysis", *BLOCK_KEYS)
 
 
 @dataclass

@@ -822,3 +822,14 @@ def test_shipped_table1_spec_groups_every_method_once():
     groups = report.spec_groups(spec, methods, str(path))
     assert list(groups) == ["pixel space", "embedding space"]
     assert sorted(m for members in groups.values() for m in members) == sorted(methods)
+
+
+def test_analysis_figures_join_the_report_when_asked(store, tmp_path):
+    assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--no-log",
+                        "--analysis"]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    weight_figures = {n for n in names if n.startswith("weight-norms")}
+    assert weight_figures and {n.replace(".png", ".pdf") for n in weight_figures
+                               if n.endswith(".png")} <= names
+    assert any(n.startswith("weight-norms") for n in
+               (tmp_path / "report.md").read_text().replace("(", " ").split())
