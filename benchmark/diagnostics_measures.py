@@ -135,12 +135,7 @@ def topk_covered(features: np.ndarray, weight: np.ndarray, bias: np.ndarray,
 def coverage_by_class(covered: np.ndarray, classes: np.ndarray,
                       num_classes: int) -> np.ndarray:
     """``[C, len(ks)]`` share of each class's rows covered (NaN for a class without rows)."""
-    share = np.full((num_classes, covered.shape[1]), np.nan)
-    for c in range(num_classes):
-        rows = classes == c
-        if rows.any():
-            share[c] = covered[rows].mean(axis=0)
-    return share
+    return class_means(np.asarray(covered, dtype=float), classes, num_classes)
 
 
 # Weights and mean magnitudes --------------------------------------------------------------------
