@@ -824,7 +824,12 @@ def test_shipped_table1_spec_groups_every_method_once():
     assert sorted(m for members in groups.values() for m in members) == sorted(methods)
 
 
-def test_analysis_figures_join_the_report_when_asked(store, tmp_path):
+def test_analysis_figures_join_the_report_when_asked(store, tmp_path, monkeypatch):
+    import mlflow
+
+    # Tests with their own store before this one reset the tracking URI: use the module's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    mlflow.set_tracking_uri(store.uri)
     assert report.main(["--experiment", EXPERIMENT, "--out", str(tmp_path), "--no-log",
                         "--analysis"]) == 0
     names = {p.name for p in tmp_path.iterdir()}
