@@ -52,7 +52,13 @@ def _key_value(text: str) -> tuple[str, object]:
     key, value = text.split("=", 1)
     import yaml
 
-    return key.replace("-", "_"), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e30" as text; a number is meant
+        try:
+            parsed = float(parsed) if "e" in parsed.lower() else parsed
+        except ValueError:
+            pass
+    return key.replace("-", "_"), parsed
 
 
 def _key_values(text: str) -> list[tuple[str, object]]:
@@ -298,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except DivergenceError as err:
-        print(f"error: {err}; the run is marked FAILED in MLflow (try a lower --lr)",
-              file=sys.stderr)
+        print(f"error: {err}; a run it had started is marked FAILED in MLflow (try a lower "
+              f"--lr)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the run is marked KILLED in MLflow", file=sys.stderr)
