@@ -4,12 +4,12 @@
 # at ImageNet-LT scale with the neighbour search on the GPU.  Every part runs under its own
 # timeout; figures go to stdout and to "$OUT" (default /tmp/gpu_check).
 #
-#   bash gpu_check.sh            on the GPU machine (torch and scikit-learn are enough; with a
+#   bash benchmark/gpu_check.sh            on the GPU machine (torch and scikit-learn are enough; with a
 #                                .whl/ folder from /work/shared/tools/gpu-wheels.sh it installs
 #                                imbalanced-learn to time EOS().fit_resample itself)
-#   bash gpu_check.sh --small    anywhere: small sizes; without CUDA the CUDA parts are skipped
+#   bash benchmark/gpu_check.sh --small    anywhere: small sizes; without CUDA the CUDA parts are skipped
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
