@@ -158,16 +158,18 @@ class TrainingSet:
 _TRAINING_SET_MEMO: OrderedDict[tuple[str, str], TrainingSet] = OrderedDict()
 
 
-def training_set_stage(cell: Cell, key: str | None) -> TrainingSet:
-    """The method's training set: computed, or loaded from the run that computed it for the
-    same key (before the run starts: a mismatch leaves no run behind)."""
+def training_set_stage(cell: Cell, key: str | None, reuse: bool = True) -> TrainingSet:
+    """The method's training set: computed, or (``reuse``) loaded from the run that computed
+    it for the same key (before the run starts: a mismatch leaves no run behind)."""
     real = cell.data.train
     if key is None:
         return TrainingSet(real, [0] * real.num_classes, 0.0, None)
     memo_key = (tracking.tracking_uri(), key)
+    if not reuse:  # --no-cache: the training set is computed again too
+        _TRAINING_SET_MEMO.pop(memo_key, None)
     if memo_key in _TRAINING_SET_MEMO:
         return _TRAINING_SET_MEMO[memo_key]
-    source = tracking.find_stage_run("training_set", key)
+    source = tracking.find_stage_run("training_set", key) if reuse else None
     if source is not None:
         folder = tracking.download_artifacts(source, "training_set")
         with np.load(folder / "synthetic.npz") as npz:
@@ -582,8 +584,7 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     resume_run = tracking.find_resumable_run(key) if source_run is None and reuse_phase1 else None
     resume = load_checkpoint(resume_run) if resume_run is not None else None
     if source_run is None:
-        training_set = training_set_stage(cell, training_key) if reuse_phase1 else \
-            training_set_stage_fresh(cell, training_key)
+        training_set = training_set_stage(cell, training_key, reuse=reuse_phase1)
         model, phase1 = build_model(cell), None
     else:
         phase1 = load_phase1(source_run)
@@ -674,19 +675,6 @@ def run_description(cell: Cell, metrics: dict, phase1: Phase1, tested: bool) -> 
         lines.append("\nNotes: " + "; ".join(cell.method.notes + (
             [f"validation: {cell.data.validation_note}"] if cell.data.validation_note else [])))
     return "\n".join(lines)
-
-
-def training_set_stage_fresh(cell: Cell, key: str | None) -> TrainingSet:
-    """``--no-cache``: the training set is computed again too."""
-    _TRAINING_SET_MEMO.pop((tracking.tracking_uri(), key), None)
-    real = cell.data.train
-    if key is None:
-        return TrainingSet(real, [0] * real.num_classes, 0.0, None)
-    start = time.perf_counter()
-    combined = cell.method.prepare_training_set(cell, real)
-    synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
-                 - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
-    return TrainingSet(combined, synthetic, time.perf_counter() - start, None)
 
 
 def log_cell_params(cell: Cell, key: str) -> None:
