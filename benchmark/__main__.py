@@ -224,7 +224,9 @@ def check_tune(args: argparse.Namespace) -> None:
 def command_grid(args: argparse.Namespace) -> int:
     from benchmark.studies import grid_summary, run_grid
 
-    counts = run_grid(args.spec, grid_overrides(args), progress=not args.quiet)
+    counts = run_grid(args.spec, grid_overrides(args), progress=not args.quiet,
+                      jobs=args.jobs, address=args.address, cpus_per_cell=args.cpus_per_task,
+                      gpus_per_cell=args.gpus_per_task)
     print(grid_summary(counts))
     return 1 if counts["failed"] else 0
 
@@ -234,7 +236,8 @@ def command_tune(args: argparse.Namespace) -> int:
     from benchmark.studies import run_study
 
     result = run_study(args.spec, storage=args.storage, trials=args.trials,
-                       progress=not args.quiet)
+                       progress=not args.quiet, jobs=args.jobs, address=args.address,
+                       cpus_per_trial=args.cpus_per_task, gpus_per_trial=args.gpus_per_task)
     params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
     final = result["final_metrics"]
     print(f"study '{result['study']}': {result['completed']} completed trials "
@@ -260,6 +263,44 @@ def command_clean(args: argparse.Namespace) -> int:
 STORE_COMMANDS = ("run", "grid", "tune", "clean")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1 and not (value > 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or a whole number of "
+                                         f"GPUs, got {text!r}")
+    return value
+
+
+def add_engine_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    """Where the command's tasks (a grid's cells, a study's trials) run: Ray, when asked."""
+    parser.add_argument("--jobs", type=_positive_int, default=None,
+                        help=f"run up to N {unit}s at once on a Ray cluster started here "
+                             f"(pip install -e '.[cluster]'); default: one after another in "
+                             f"this process")
+    parser.add_argument("--address", type=_optional_text, default=None,
+                        help="a running Ray cluster's address (ray start --head prints it), "
+                             "e.g. 10.0.0.5:6379")
+    parser.add_argument("--cpus-per-task", type=_positive_float, default=None,
+                        help=f"CPU threads each {unit} holds on Ray; default 1")
+    parser.add_argument("--gpus-per-task", type=_fraction, default=None,
+                        help=f"GPUs (a fraction shares one) each {unit} holds on Ray; default: "
+                             f"the local GPUs shared by the --jobs {unit}s, on a cluster with "
+                             f"GPUs 0.25")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmark", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--download", action="store_true")
     grid.add_argument("--device", default="auto")
     grid.add_argument("--quiet", action="store_true")
+    add_engine_options(grid, "cell")
     grid.set_defaults(handler=command_grid, precheck=check_grid)
     tune = sub.add_parser("tune", help="run or continue an Optuna study (spec in YAML)")
     tune.add_argument("spec", help="study spec (YAML), e.g. studies/tune-eos.yaml")
@@ -283,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=_positive_int, default=None,
                       help="completed trials to reach (default: the spec's)")
     tune.add_argument("--quiet", action="store_true")
+    add_engine_options(tune, "trial")
     tune.set_defaults(handler=command_tune, precheck=check_tune)
     clean = sub.add_parser("clean", help="mark KILLED the runs left RUNNING by a process that "
                                          "was killed (every run/grid/tune does this first)")

@@ -51,7 +51,7 @@ if [ "$cuda" != 1 ]; then
 fi
 
 if [ "$cuda" = 1 ] && [ -d .whl ] && ! $PY -c 'import imblearn' 2>/dev/null; then
-  part wheels 40 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  part wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi

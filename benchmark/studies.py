@@ -276,10 +276,20 @@ class CellOutcome:
                 "failure_reason": self.reason, "cell_key": cell_key(self.cfg)}
 
 
-def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True) -> dict:
+def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = True,
+             jobs: int | None = None, address: str | None = None,
+             cpus_per_cell: float | None = None, gpus_per_cell: float | None = None) -> dict:
     """Run every cell of the grid that has no finished run yet, nested under the grid's parent
     run; returns counts, the parent's id and experiment, and under ``failures`` a
     ``(cell, reason)`` pair per failed cell.
+
+    The cells run in this process one after another, or, with ``jobs`` (above 1) or
+    ``address``, as tasks of a Ray cluster (see ``benchmark.engine``), each holding
+    ``cpus_per_cell`` threads and ``gpus_per_cell`` of a GPU.  However many ``grid``
+    commands share the tracking store, on however many machines, each cell runs exactly once
+    and each phase 1 (and generator) is trained once: a driver claims a cell, and the stages
+    it will train, in the store's ledger (``benchmark.ledger``) before its task starts, and a
+    claim of a driver that ended or died is void (see ``_run_cells``).
 
     The parent run is named after the grid and tagged ``grid_role=parent``, ``grid=<name>``;
     a rerun finds it by those tags and resumes it (no second parent), and so counts and lists
@@ -296,24 +306,27 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
     that grid is then deleted again.  After that a cell that fails, for whatever reason, is
     recorded (its run, if it got one, ends FAILED with the reason) and the grid goes on with
     the others.  An interrupt stops the grid."""
+    from benchmark import engine as engines
+    from benchmark.ledger import Ledger
+
     grid = Grid.from_spec(path, overrides)
+    resources = engines.default_resources(jobs, address, cpus_per_cell, gpus_per_cell)
     experiment = tracking.logging_experiment(grid.experiment)
     finished = finished_cells(experiment)
     outcomes = {cell_key(cfg): CellOutcome(cfg, cell_label(cfg)) for cfg in grid.cells}
     for key, run in finished.items():
         if key in outcomes:
-            outcomes[key] = dataclasses.replace(
-                outcomes[key], label=run.data.tags.get(schema.TAG_CELL, outcomes[key].label),
-                status="FINISHED", when="earlier", run_id=run.info.run_id,
-                metrics=dict(run.data.metrics))
+            outcomes[key] = _finished_outcome(outcomes[key], run, "earlier")
     todo = order_for_sharing([cfg for cfg in grid.cells if cell_key(cfg) not in finished])
-    parents = tracking.find_runs(experiment, f"tags.{TAG_GRID_ROLE} = 'parent' and "
-                                             f"tags.{TAG_GRID} = '{grid.name}'", RUN_STATES)
     counts = {"cells": len(grid.cells), "already_finished": len(grid.cells) - len(todo),
               "ran": 0, "failed": 0, "phase1_trained": 0, "failures": [],
-              "experiment": experiment, "parent_run_id": None}
+              "elsewhere": 0, "experiment": experiment, "parent_run_id": None}
     stopped_at_first_cell = False
+    ledger = Ledger.open()
+    ledger.register()
+    engine = None
     try:
+        parents = _grid_parent(ledger, grid, experiment)
         with tracking.TrackedRun(grid.experiment, grid.name,
                                  {TAG_GRID_ROLE: "parent", TAG_GRID: grid.name,
                                   TAG_GRID_SPEC: str(path)},
@@ -326,7 +339,11 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
                                   for o in outcomes.values()]), CELLS_ARTIFACT)
             log_grid_progress(parent, counts)
             try:
-                _run_cells(grid, todo, outcomes, counts, parent, progress)
+                if todo:
+                    engine = engines.make_engine(jobs, address, resources,
+                                                 {"MLFLOW_TRACKING_URI": _absolute_uri()})
+                _run_cells(grid, todo, outcomes, counts, parent, progress, engine, resources,
+                           ledger)
             except UserError:
                 stopped_at_first_cell = not counts["ran"] and not counts["failed"]
                 with contextlib.suppress(Exception):  # the mistake matters more
@@ -346,52 +363,226 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
         if stopped_at_first_cell and not parents and counts["parent_run_id"]:
             tracking.delete_run(counts["parent_run_id"])
         raise
+    finally:
+        if engine is not None:
+            engine.close()
+        with contextlib.suppress(Exception):  # ending matters more than saying so
+            ledger.close()
     return counts
 
 
+def _absolute_uri() -> str:
+    """The tracking URI as another process started elsewhere reads it (a SQLite file's path
+    made absolute)."""
+    from benchmark.store import sqlite_path
+
+    uri = tracking.tracking_uri()
+    database = sqlite_path(uri)
+    return f"sqlite:///{database.absolute()}" if database is not None else uri
+
+
+def _claim_name(kind: str, *parts: str) -> str:
+    """A ledger claim's name: ``kind`` and a digest of what it is about."""
+    return f"{kind}.{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:24]}"
+
+
+def _grid_parent(ledger, grid: Grid, experiment: str) -> list:
+    """The grid's parent run(s) found in the store, after making sure that of several drivers
+    starting the same grid at once only one creates it: the one holding the ledger's claim
+    (the others wait here until it exists)."""
+    query = f"tags.{TAG_GRID_ROLE} = 'parent' and tags.{TAG_GRID} = '{grid.name}'"
+    name = _claim_name("grid-parent", experiment, grid.name)
+    deadline = time.monotonic() + 120
+    while True:
+        parents = tracking.find_runs(experiment, query, RUN_STATES)
+        if parents:
+            return parents
+        ledger.refresh()
+        if ledger.claim(name):
+            return []
+        if time.monotonic() > deadline:
+            raise UserError(f"grid '{grid.name}': another driver claimed its parent run two "
+                            f"minutes ago and has not made it")
+        time.sleep(0.5)
+
+
+def _finished_outcome(outcome: "CellOutcome", run, when: str) -> "CellOutcome":
+    return dataclasses.replace(outcome, label=run.data.tags.get(schema.TAG_CELL, outcome.label),
+                               status="FINISHED", when=when, run_id=run.info.run_id,
+                               metrics=dict(run.data.metrics))
+
+
+# How often a driver looks again at cells it waits for (held by another driver, or needing a
+# stage that another of its tasks is training).
+POLL_S = 2.0
+
+
+class _StageCache:
+    """Which cached stages the store holds; a stage found stays found."""
+
+    def __init__(self):
+        self._found: set[tuple[str, str]] = set()
+
+    def has(self, stage: str, key: str) -> bool:
+        if (stage, key) not in self._found and tracking.find_stage_run(stage, key):
+            self._found.add((stage, key))
+        return (stage, key) in self._found
+
+
+def _stages_to_train(cfg: RunConfig, cache: _StageCache) -> list[tuple[str, str]]:
+    """The cached stages ``cfg``'s cell would compute now (none when its phase 1 is there)."""
+    if cache.has("phase1", cfg.phase1_key()):
+        return []
+    needs = [("phase1", cfg.phase1_key())]
+    training_key = cfg.training_set_key()
+    if training_key and not cache.has("training_set", training_key):
+        needs.append(("training_set", training_key))
+    return needs
+
+
 def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcome],
-               counts: dict, parent: tracking.TrackedRun, progress: bool) -> None:
-    """The grid's missing cells, one after the other, nested under ``parent``; a
-    ``UserError`` of the first one is raised, any other failure recorded."""
+               counts: dict, parent: tracking.TrackedRun, progress: bool, engine, resources,
+               ledger) -> None:
+    """The grid's missing cells on ``engine``, nested under ``parent``; a ``UserError`` of the
+    first one is raised, any other failure recorded.
+
+    A cell starts once this driver holds, in the ledger, the cell and every stage the cell
+    would train (its phase 1, its generator), and no task of this driver is training one of
+    those stages already (the cells sharing a phase 1 wait for the first, then reuse it).  A
+    cell or stage held by another live driver waits; a cell it finished counts as finished
+    (``when="elsewhere"``), one it failed in this pass as failed (it is not tried twice).  A
+    claim taken over from a driver that died waits until the runs that driver's tasks left
+    alive are over, so a cell is never finished twice."""
     from tqdm.auto import tqdm
 
-    from benchmark.pipeline import run_cell
+    from benchmark.engine import InProcess, run_cell_task
 
-    bar = tqdm(todo, desc=f"grid {grid.name}", unit="cell", disable=not progress or not todo,
+    # In this process, its own threads; in a task, the CPUs it holds.
+    threads = None if isinstance(engine, InProcess) else max(1, int(resources.cpus))
+    started_ms = int(time.time() * 1000)
+    experiment = parent.experiment
+    cache = _StageCache()
+    pending = list(todo)
+    in_flight: dict[Any, tuple[RunConfig, list[tuple[str, str]], int]] = {}
+    training: set[tuple[str, str]] = set()
+    bar = tqdm(total=counts["cells"], initial=counts["already_finished"],
+               desc=f"grid {grid.name}", unit="cell", disable=not progress or not todo,
                dynamic_ncols=True)
-    for cfg in bar:
-        key = cell_key(cfg)
-        outcome = outcomes[key]
-        bar.set_postfix_str(f"{outcome.label} s{cfg.seed}")
-        started_ms = int(time.time() * 1000)
-        try:
-            result = run_cell(cfg, progress=False, tags={TAG_CELL: key, TAG_GRID: grid.name,
-                                                         TAG_GRID_ROLE: "cell"})
-        except Exception as err:  # noqa: BLE001  (one failed cell must not cost the others)
-            if isinstance(err, UserError) and not counts["ran"] and not counts["failed"]:
-                raise
-            reason = failure_reason(err)
-            counts["failed"] += 1
-            counts["failures"].append((f"{outcome.label} seed {cfg.seed}", reason))
-            # The cell's run, when it got one before failing.
-            runs = tracking.find_runs(parent.experiment, f"tags.{TAG_CELL} = '{key}' and "
-                                      f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
-                                      ("FAILED", "KILLED"))
-            fresh = [r for r in runs if r.info.start_time >= started_ms]
-            outcome.status, outcome.when, outcome.reason = "FAILED", "now", reason
-            outcome.run_id = fresh[0].info.run_id if fresh else ""
-            tqdm.write(f"cell failed ({outcome.label} seed {cfg.seed}): {reason}",
-                       file=sys.stderr)
-        else:
-            counts["ran"] += 1
-            counts["phase1_trained"] += not result["phase1_reused"]
-            m = result["metrics"]
-            outcome.status, outcome.when = "FINISHED", "now"
-            outcome.run_id, outcome.metrics = result["run_id"], dict(m)
-            tqdm.write(f"{outcome.label} seed {cfg.seed}: BAC {m[schema.test('bac')]:.4f} "
-                       f"GM {m[schema.test('gm_macro')]:.4f} F1 {m[schema.test('f1_macro')]:.4f}"
-                       f" (run {result['run_id']})")
+    say = tqdm.write if progress else print
+    tags_of = {TAG_GRID: grid.name, TAG_GRID_ROLE: "cell", "mlflow.parentRunId": parent.run_id}
+
+    def count_done(outcome: CellOutcome) -> None:
+        bar.update(1)
         log_grid_progress(parent, counts)
+
+    while pending or in_flight:
+        if pending and len(in_flight) < engine.slots:
+            ledger.refresh()
+            finished = finished_cells(experiment)
+            failed_now = _failed_since(experiment, grid.name, started_ms)
+            running = _running_cells(experiment, grid.name)
+            for cfg in list(pending):
+                if len(in_flight) >= engine.slots:
+                    break
+                key = cell_key(cfg)
+                outcome = outcomes[key]
+                if key in finished:  # by another driver, or by a task of a dead one
+                    pending.remove(cfg)
+                    outcomes[key] = _finished_outcome(outcome, finished[key], "elsewhere")
+                    counts["elsewhere"] += 1
+                    counts["already_finished"] += 1
+                    say(f"{outcome.label} seed {cfg.seed}: finished by another driver "
+                        f"(run {finished[key].info.run_id})")
+                    count_done(outcomes[key])
+                    continue
+                cell_claim = _claim_name("cell", experiment, key)
+                holder = ledger.holder(cell_claim)
+                if holder not in (None, ledger.token) and ledger.alive(holder):
+                    if key in failed_now:  # the other driver tried it in this pass
+                        pending.remove(cfg)
+                        run = failed_now[key]
+                        outcome.status, outcome.when, outcome.run_id = "FAILED", "elsewhere", \
+                            run.info.run_id
+                        outcome.reason = run.data.tags.get(tracking.TAG_FAILURE, "")
+                        counts["failed"] += 1
+                        counts["failures"].append((f"{outcome.label} seed {cfg.seed}",
+                                                   outcome.reason))
+                        count_done(outcome)
+                    continue
+                # The cell first, then its stages: a driver never holds a stage while it
+                # waits for a cell another driver holds (no two drivers wait on each other).
+                if not ledger.claim(cell_claim):
+                    continue
+                if running.get(key):  # left by a dead driver's task that is still alive
+                    continue
+                needs = _stages_to_train(cfg, cache)
+                if any(need in training for need in needs):
+                    continue
+                if not all(ledger.claim(_claim_name(*need)) for need in needs):
+                    continue
+                pending.remove(cfg)
+                training.update(needs)
+                task_cfg = dataclasses.replace(cfg, experiment=experiment)
+                handle = engine.submit(run_cell_task, task_cfg, {**tags_of, TAG_CELL: key},
+                                       threads)
+                in_flight[handle] = (cfg, needs, int(time.time() * 1000))
+                bar.set_postfix_str(f"{len(in_flight)} running")
+        done = engine.wait(list(in_flight), timeout=POLL_S)
+        if not done and not in_flight and pending:
+            time.sleep(POLL_S)
+        for handle, result in done:
+            cfg, needs, submitted_ms = in_flight.pop(handle)
+            training.difference_update(needs)
+            key = cell_key(cfg)
+            outcome = outcomes[key]
+            worker = result["worker"]
+            if not result["ok"]:
+                if result["user_error"] and not counts["ran"] and not counts["failed"]:
+                    raise UserError(result["message"])
+                counts["failed"] += 1
+                counts["failures"].append((f"{outcome.label} seed {cfg.seed}", result["reason"]))
+                # The cell's run, when it got one before failing.
+                runs = tracking.find_runs(experiment, f"tags.{TAG_CELL} = '{key}' and "
+                                          f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+                                          ("FAILED", "KILLED"))
+                fresh = [r for r in runs if r.info.start_time >= submitted_ms]
+                outcome.status, outcome.when, outcome.reason = "FAILED", "now", result["reason"]
+                outcome.run_id = fresh[0].info.run_id if fresh else ""
+                tqdm.write(f"cell failed ({outcome.label} seed {cfg.seed}, {worker}, "
+                           f"{result['seconds']:.0f} s): {result['reason']}", file=sys.stderr)
+            else:
+                counts["ran"] += 1
+                counts["phase1_trained"] += not result["phase1_reused"]
+                m = result["metrics"]
+                outcome.status, outcome.when = "FINISHED", "now"
+                outcome.run_id, outcome.metrics = result["run_id"], dict(m)
+                say(f"{outcome.label} seed {cfg.seed}: BAC {m[schema.test('bac')]:.4f} "
+                    f"GM {m[schema.test('gm_macro')]:.4f} F1 {m[schema.test('f1_macro')]:.4f} "
+                    f"({worker}, {result['seconds']:.0f} s, run {result['run_id']})")
+            count_done(outcome)
+    bar.close()
+
+
+def _failed_since(experiment: str, grid_name: str, since_ms: int) -> dict[str, Any]:
+    """The grid's cells whose newest run, started since ``since_ms``, failed."""
+    found: dict[str, Any] = {}
+    for run in tracking.find_runs(experiment, f"tags.{TAG_GRID} = '{grid_name}' and "
+                                              f"tags.{TAG_GRID_ROLE} = 'cell' and "
+                                              f"attributes.start_time >= {since_ms}",
+                                  ("FAILED", "KILLED")):
+        found.setdefault(run.data.tags.get(TAG_CELL), run)
+    return found
+
+
+def _running_cells(experiment: str, grid_name: str) -> dict[str, list]:
+    """The grid's cells with a RUNNING run whose process may be alive, by cell key."""
+    found: dict[str, list] = {}
+    now = time.time()
+    for run in tracking.find_runs(experiment, f"tags.{TAG_GRID} = '{grid_name}' and "
+                                              f"tags.{TAG_GRID_ROLE} = 'cell'", ("RUNNING",)):
+        if tracking.dead_reason(run.data.tags, run.info.start_time, now) is None:
+            found.setdefault(run.data.tags.get(TAG_CELL), []).append(run)
+    return found
 
 
 def log_grid_progress(parent: tracking.TrackedRun, counts: dict) -> None:
@@ -797,7 +988,8 @@ def log_trials_summary(parent: tracking.TrackedRun, spec: StudySpec, study, targ
 
 
 def run_study(path: str | Path, storage: str | None = None, trials: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, jobs: int | None = None, address: str | None = None,
+              cpus_per_trial: float | None = None, gpus_per_trial: float | None = None) -> dict:
     """Run (or continue) a study until it holds ``trials`` completed trials, every trial a
     nested MLflow run under one parent per study; then evaluate the best configuration on test
     once.  The objective is validation BAC; test is never seen by the search.
@@ -814,6 +1006,9 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
 
     from benchmark.pipeline import run_cell
 
+    if address or (jobs or 1) > 1:
+        return _run_study_on_ray(path, storage, trials, progress, jobs, address,
+                                 cpus_per_trial, gpus_per_trial)
     spec = StudySpec.from_file(path)
     target = trials or spec.trials
     sampler = _component(optuna.samplers, spec.sampler, "sampler", spec.source)
@@ -949,3 +1144,80 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
             "trials": len(study.trials), "best_params": best.params, "best_val_bac": best.value,
             "final_run_id": final_run, "final_metrics": final_metrics,
             "parent_run_id": parent.run_id}
+
+
+def study_task(spec_name: str, spec_text: str, storage: str | None, trials: int | None) -> dict:
+    """One of the processes sharing a study, wherever it runs (the spec travels as text: the
+    machine may not see the driver's files)."""
+    import tempfile
+
+    from benchmark.errors import one_line
+
+    with tempfile.TemporaryDirectory(prefix="benchmark-study-") as folder:
+        path = Path(folder) / spec_name
+        path.write_text(spec_text)
+        try:
+            result = run_study(path, storage, trials, progress=False)
+        except Exception as err:  # noqa: BLE001  (told by the driver)
+            return {"ok": False, "reason": failure_reason(err), "message": one_line(err),
+                    "user_error": isinstance(err, UserError)}
+    return {"ok": True, **result}
+
+
+def _run_study_on_ray(path, storage, trials, progress, jobs, address, cpus, gpus) -> dict:
+    """``run_study`` in as many Ray tasks as the cluster has slots (at most ``jobs``), sharing
+    the study through its storage and locks exactly as processes started by hand do: phase 1
+    is trained once (the first trial holds its lock, the others wait), exactly ``trials``
+    complete, and the test evaluation happens once."""
+    import optuna
+
+    from benchmark import engine as engines
+
+    spec = StudySpec.from_file(path)
+    spec.check()
+    target = trials or spec.trials
+    storage_url = storage or spec.storage
+    if address and (storage_url is None or "://" not in storage_url
+                    or storage_url.startswith("sqlite")):
+        raise UserError("tune --address: the trials run on other machines, which cannot share a "
+                        "journal or SQLite file; give --storage postgresql://USER@HOST/DB")
+    if storage_url and "://" not in storage_url:
+        storage_url = str(Path(storage_url).absolute())
+    elif storage_url is None:
+        storage_url = str(Path(DEFAULT_JOURNAL).absolute())
+    resources = engines.default_resources(jobs, address, cpus, gpus)
+    engine = engines.make_engine(jobs or 2, address, resources,
+                                 {"MLFLOW_TRACKING_URI": _absolute_uri()})
+    try:
+        tasks = min(engine.slots, target)
+        handles = [engine.submit(study_task, Path(path).name, Path(path).read_text(),
+                                 storage_url, target) for _ in range(tasks)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=target, desc=f"study {spec.name} ({tasks} tasks on "
+                       f"{engine.name})", unit="trial", dynamic_ncols=True)
+        results = []
+        while handles:
+            for handle, result in engine.wait(handles, timeout=POLL_S):
+                handles.remove(handle)
+                results.append(result)
+            if bar is not None:
+                with contextlib.suppress(Exception):  # the study may not exist yet
+                    study = optuna.load_study(study_name=spec.name,
+                                              storage=make_storage(storage_url))
+                    bar.n = min(target, len(study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))))
+                    bar.refresh()
+        if bar is not None:
+            bar.close()
+    finally:
+        engine.close()
+    done = [r for r in results if r["ok"]]
+    if not done:
+        first = results[0]
+        if first["user_error"]:
+            raise UserError(first["message"])
+        raise RuntimeError(f"every task of study '{spec.name}' failed: {first['reason']}")
+    return {k: v for k, v in done[0].items() if k != "ok"}
