@@ -209,16 +209,31 @@ def grid_overrides(args: argparse.Namespace) -> dict:
             **({"download": True} if args.download else {})}
 
 
+def check_engine(args: argparse.Namespace) -> None:
+    """Ray, when the command asks for it, is installed (said before anything starts)."""
+    import importlib.util
+
+    if (args.address or (args.jobs or 1) > 1) and importlib.util.find_spec("ray") is None:
+        raise UserError("--jobs and --address run tasks on Ray, which is not installed: "
+                        "pip install -e '.[cluster]'")
+
+
 def check_grid(args: argparse.Namespace) -> None:
     from benchmark.studies import Grid
 
+    check_engine(args)
     Grid.from_spec(args.spec, grid_overrides(args))
 
 
 def check_tune(args: argparse.Namespace) -> None:
     from benchmark.studies import StudySpec
 
-    StudySpec.from_file(args.spec).check()
+    from benchmark.studies import check_shared_storage
+
+    check_engine(args)
+    spec = StudySpec.from_file(args.spec)
+    spec.check()
+    check_shared_storage(args.storage or spec.storage, args.address)
 
 
 def command_grid(args: argparse.Namespace) -> int:

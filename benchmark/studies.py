@@ -1146,6 +1146,14 @@ def run_study(path: str | Path, storage: str | None = None, trials: int | None =
             "parent_run_id": parent.run_id}
 
 
+def check_shared_storage(storage_url: str | None, address: str | None) -> None:
+    """Trials on a cluster's other machines cannot share a journal or SQLite file."""
+    if address and (storage_url is None or "://" not in storage_url
+                    or storage_url.startswith("sqlite")):
+        raise UserError("tune --address: the trials run on other machines, which cannot share a "
+                        "journal or SQLite file; give --storage postgresql://USER@HOST/DB")
+
+
 def study_task(spec_name: str, spec_text: str, storage: str | None, trials: int | None) -> dict:
     """One of the processes sharing a study, wherever it runs (the spec travels as text: the
     machine may not see the driver's files)."""
@@ -1177,10 +1185,7 @@ def _run_study_on_ray(path, storage, trials, progress, jobs, address, cpus, gpus
     spec.check()
     target = trials or spec.trials
     storage_url = storage or spec.storage
-    if address and (storage_url is None or "://" not in storage_url
-                    or storage_url.startswith("sqlite")):
-        raise UserError("tune --address: the trials run on other machines, which cannot share a "
-                        "journal or SQLite file; give --storage postgresql://USER@HOST/DB")
+    check_shared_storage(storage_url, address)
     if storage_url and "://" not in storage_url:
         storage_url = str(Path(storage_url).absolute())
     elif storage_url is None:

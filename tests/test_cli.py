@@ -1,6 +1,7 @@
 """The command line: list, one-line errors with non-zero exits, and a run's closing summary."""
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -28,6 +29,27 @@ def test_user_mistakes_exit_2_with_one_line(mlflow_store, capsys, argv, message)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grid", "studies/smoke.yaml", "--jobs", "0"], "must be positive"),
+    (["grid", "studies/smoke.yaml", "--cpus-per-task", "-1"], "expected a number above 0"),
+    (["grid", "studies/smoke.yaml", "--cpus-per-task", "nan"], "expected a number above 0"),
+    (["grid", "studies/smoke.yaml", "--gpus-per-task", "1.5"], "expected a fraction in [0, 1]"),
+    (["tune", "studies/tune-k.yaml", "--gpus-per-task", "x"], "expected a number"),
+])
+def test_engine_option_mistakes_are_refused_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_study_on_a_cluster_needs_a_server_storage_before_anything(mlflow_store, capsys):
+    spec = Path(__file__).parents[1] / "studies" / "tune-k.yaml"
+    assert main(["tune", str(spec), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "give --storage postgresql://" in err and err.count("\n") == 1
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 

@@ -155,7 +155,7 @@ def _finished_cells_and_phase1(experiment: str) -> tuple[list[str], int]:
 def test_grid_on_two_jobs_is_killed_and_restarted_and_runs_every_cell_once(tracking_server,
                                                                            tmp_path):
     spec = tmp_path / "smoke.yaml"
-    spec.write_text(textwrap.dedent(SMOKE % {"epochs": 2}))
+    spec.write_text(textwrap.dedent(SMOKE % {"epochs": 1}))
     command = _command("grid", str(spec), "--jobs", "2", "--quiet")
     driver = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
