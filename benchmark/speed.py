@@ -278,6 +278,38 @@ def input_comparison(device: torch.device, batch_size: int, n_batches: int = 25)
     return tuple(rates)
 
 
+def _sharing_worker(scale: float, epochs: int, batch_size: int, device_name: str, barrier,
+                    results) -> None:
+    """One of several trainings sharing a device (a process of its own, as a grid's task)."""
+    device = torch.device(device_name)
+    cell = long_tailed_cell(scale)
+    barrier.wait()  # every training starts together
+    rate = suite_loop(cell, device, device.type == "cuda", epochs, batch_size)
+    results.put(rate["images_per_s"])
+
+
+def sharing_rates(counts: list[int], scale: float, epochs: int, batch_size: int,
+                  device: torch.device) -> dict[int, dict]:
+    """For each n in ``counts``: n processes each running the suite's phase-1 loop on the same
+    device at once (what ``grid --jobs n`` packs onto one GPU); their images/s each and in
+    all (the sum of their steady rates, measured while all of them run)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = {}
+    for n in counts:
+        barrier, results = context.Barrier(n), context.Queue()
+        processes = [context.Process(target=_sharing_worker, args=(
+            scale, epochs, batch_size, str(device), barrier, results)) for _ in range(n)]
+        for process in processes:
+            process.start()
+        rates = [results.get(timeout=600) for _ in processes]
+        for process in processes:
+            process.join()
+        out[n] = {"each": rates, "total": sum(rates)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the suite's loop without the graph path")
     parser.add_argument("--check", action="store_true", help="compare graph and eager fits")
     parser.add_argument("--input", action="store_true", help="add the input-path comparison")
+    parser.add_argument("--share", type=int, nargs="+", metavar="N",
+                        help="also run N trainings at once on the device, for each N given "
+                             "(how throughput grows when grid --jobs packs cells onto one GPU)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -329,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
               f"; 200 epochs of this cell: {200 * figures['suite_graph']['epoch_s']:.0f} s")
     else:
         print("CUDA graph rows skipped: no CUDA device")
+
+    if args.share:
+        figures["share"] = shared = sharing_rates(args.share, args.scale, args.epochs,
+                                                  args.batch_size, device)
+        single = shared[min(shared)]["total"] / min(shared)
+        for n, rate in shared.items():
+            print(f"{n} trainings sharing the device: {rate['total']:9,.0f} images/s in all "
+                  f"({rate['total'] / single:.2f}x one training's; each "
+                  f"{min(rate['each']):,.0f} to {max(rate['each']):,.0f})")
 
     status = 0
     if args.check:
