@@ -151,8 +151,9 @@ class RayCluster:
 def default_resources(jobs: int | None, address: str | None, cpus: float | None,
                       gpus: float | None) -> Resources:
     """One CPU thread per cell; on a machine with GPUs (``--jobs``), the GPUs shared evenly by
-    the cells that run at once, so one GPU holds several trainings (one ResNet-32 at batch 128
-    leaves most of an H100 idle); on a cluster, a quarter of a GPU when it has GPUs."""
+    the cells that run at once; on a cluster, a quarter of a GPU when it has GPUs.  (Sharing
+    is free but gains little for a graphed ResNet-32, which alone keeps an H100 busy; it pays
+    for cells that stay eager: see README, "Many workers".)"""
     if gpus is None and not address:
         gpus = 0.0
         if jobs:
