@@ -470,6 +470,10 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
                dynamic_ncols=True)
     say = tqdm.write if progress else print
     tags_of = {TAG_GRID: grid.name, TAG_GRID_ROLE: "cell", "mlflow.parentRunId": parent.run_id}
+    if progress:
+        tqdm.write(f"grid {grid.name}: {len(todo)} of {counts['cells']} cells to run, on "
+                   f"{engine.name}" + (f", up to {engine.slots} at once" if engine.slots > 1
+                                       else ""))
 
     def count_done(outcome: CellOutcome) -> None:
         bar.update(1)
@@ -560,6 +564,8 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
                     f"GM {m[schema.test('gm_macro')]:.4f} F1 {m[schema.test('f1_macro')]:.4f} "
                     f"({worker}, {result['seconds']:.0f} s, run {result['run_id']})")
             count_done(outcome)
+        if done:
+            bar.set_postfix_str(f"{len(in_flight)} running")
     bar.close()
 
 

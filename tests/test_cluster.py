@@ -132,7 +132,7 @@ def _command(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _cells(experiment: str) -> list:
