@@ -418,15 +418,25 @@ POLL_S = 2.0
 
 
 class _StageCache:
-    """Which cached stages the store holds; a stage found stays found."""
+    """Which cached stages the store holds: a stage found stays found; one missing is looked
+    for once per ``look_again`` (once per round of the driver, however many cells share it)."""
 
     def __init__(self):
         self._found: set[tuple[str, str]] = set()
+        self._missing: set[tuple[str, str]] = set()
+
+    def look_again(self) -> None:
+        self._missing.clear()
 
     def has(self, stage: str, key: str) -> bool:
-        if (stage, key) not in self._found and tracking.find_stage_run(stage, key):
-            self._found.add((stage, key))
-        return (stage, key) in self._found
+        if (stage, key) in self._found:
+            return True
+        if (stage, key) not in self._missing:
+            if tracking.find_stage_run(stage, key):
+                self._found.add((stage, key))
+                return True
+            self._missing.add((stage, key))
+        return False
 
 
 def _stages_to_train(cfg: RunConfig, cache: _StageCache) -> list[tuple[str, str]]:
@@ -482,6 +492,7 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
     while pending or in_flight:
         if pending and len(in_flight) < engine.slots:
             ledger.refresh()
+            cache.look_again()
             finished = finished_cells(experiment)
             failed_now = _failed_since(experiment, grid.name, started_ms)
             running = _running_cells(experiment, grid.name)
