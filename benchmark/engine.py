@@ -29,10 +29,46 @@ class Resources:
                             f"GPUs, got {self.gpus}")
 
 
-def run_cell_task(cfg, tags: dict, threads: int | None) -> dict:
+# The drivers this process watches already (a Ray worker runs many tasks of one driver).
+_WATCHED: set[str | None] = set()
+
+
+def die_with(driver: dict[str, str] | None, every_s: float = 1.0) -> None:
+    """End this process at once when the driver (its ``tracking.process_tags()``) is gone.
+
+    A Ray cluster started by a driver goes with it, but a task already running finishes its
+    cell first, and the driver started again would then run it too.  On the driver's own
+    machine the task watches the driver's process; elsewhere Ray ends the tasks of a driver
+    that is gone."""
+    from benchmark import tracking
+
+    if not driver or driver.get(tracking.TAG_PROCESS_START) in _WATCHED:
+        return
+    _WATCHED.add(driver.get(tracking.TAG_PROCESS_START))
+
+    def gone() -> bool:
+        return tracking.dead_reason(driver, 0, time.time()) is not None \
+            and driver.get(tracking.TAG_HOST) == socket.gethostname()
+
+    if gone():
+        os._exit(70)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(every_s)
+        os._exit(70)  # the run stays RUNNING, and is marked KILLED by the next command
+
+    import threading
+
+    threading.Thread(target=watch, name="die-with-driver", daemon=True).start()
+
+
+def run_cell_task(cfg, tags: dict, threads: int | None,
+                  driver: dict[str, str] | None = None) -> dict:
     """One cell, wherever it runs, on ``threads`` CPU threads (``None``: as many as this
-    process has): its outcome as plain data (an exception is described, not raised, so that
-    nothing but text crosses between machines)."""
+    process has), ended with the ``driver`` process (see ``die_with``): its outcome as plain
+    data (an exception is described, not raised, so that nothing but text crosses between
+    machines)."""
     import torch
 
     from benchmark.errors import UserError as _UserError
@@ -40,6 +76,7 @@ def run_cell_task(cfg, tags: dict, threads: int | None) -> dict:
     from benchmark.pipeline import run_cell
     from benchmark.studies import failure_reason
 
+    die_with(driver)
     if threads:
         torch.set_num_threads(threads)
     worker = f"{socket.gethostname()}:{os.getpid()}"

@@ -469,6 +469,7 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
 
     # In this process, its own threads; in a task, the CPUs it holds.
     threads = None if isinstance(engine, InProcess) else max(1, int(resources.cpus))
+    driver = None if isinstance(engine, InProcess) else tracking.process_tags()
     started_ms = int(time.time() * 1000)
     experiment = parent.experiment
     cache = _StageCache()
@@ -539,7 +540,7 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
                 training.update(needs)
                 task_cfg = dataclasses.replace(cfg, experiment=experiment)
                 handle = engine.submit(run_cell_task, task_cfg, {**tags_of, TAG_CELL: key},
-                                       threads)
+                                       threads, driver)
                 in_flight[handle] = (cfg, needs, int(time.time() * 1000))
                 bar.set_postfix_str(f"{len(in_flight)} running")
         done = engine.wait(list(in_flight), timeout=POLL_S)
@@ -657,7 +658,9 @@ def _csv(rows: list[dict]) -> str:
 
 def grid_summary(counts: dict) -> str:
     """What a grid did, for the end of the command: one line, then one per failed cell."""
-    lines = [f"grid: {counts['cells']} cells, {counts['already_finished']} already finished, "
+    elsewhere = counts.get("elsewhere")
+    lines = [f"grid: {counts['cells']} cells, {counts['already_finished']} already finished"
+             + (f" ({elsewhere} of them by another driver meanwhile)" if elsewhere else "") + ", "
              f"{counts['ran']} ran ok now ({counts['phase1_trained']} phase-1 trainings), "
              f"{counts['failed']} failed; experiment '{counts['experiment']}', parent run "
              f"{counts['parent_run_id']}"]
@@ -1171,13 +1174,16 @@ def check_shared_storage(storage_url: str | None, address: str | None) -> None:
                         "journal or SQLite file; give --storage postgresql://USER@HOST/DB")
 
 
-def study_task(spec_name: str, spec_text: str, storage: str | None, trials: int | None) -> dict:
+def study_task(spec_name: str, spec_text: str, storage: str | None, trials: int | None,
+               driver: dict[str, str] | None = None) -> dict:
     """One of the processes sharing a study, wherever it runs (the spec travels as text: the
-    machine may not see the driver's files)."""
+    machine may not see the driver's files), ended with the ``driver`` process."""
     import tempfile
 
+    from benchmark.engine import die_with
     from benchmark.errors import one_line
 
+    die_with(driver)
     with tempfile.TemporaryDirectory(prefix="benchmark-study-") as folder:
         path = Path(folder) / spec_name
         path.write_text(spec_text)
@@ -1213,7 +1219,8 @@ def _run_study_on_ray(path, storage, trials, progress, jobs, address, cpus, gpus
     try:
         tasks = min(engine.slots, target)
         handles = [engine.submit(study_task, Path(path).name, Path(path).read_text(),
-                                 storage_url, target) for _ in range(tasks)]
+                                 storage_url, target, tracking.process_tags())
+                   for _ in range(tasks)]
         bar = None
         if progress:
             from tqdm.auto import tqdm
