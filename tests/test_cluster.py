@@ -29,13 +29,14 @@ psycopg = pytest.importorskip("psycopg", reason="the cluster extra is not instal
 # for a few epochs so that the tests take seconds per cell.
 SMOKE = """
     name: smoke
-    experiment: smoke
+    experiment: %(experiment)s
     datasets: [digits]
     losses: [ce, focal]
     methods: [none, smote, eos]
     backbones: [resnet32]
     seeds: [0, 1]
-    settings: {epochs: %(epochs)d, head_epochs: 1, log_model: false, system_metrics: false}
+    settings: {epochs: 1, head_epochs: 1, subset_seed: %(subset_seed)d, log_model: false,
+               system_metrics: false}
 """
 
 
@@ -86,17 +87,17 @@ def _database(postgres: str) -> str:
     return f"{postgres}/{name}"
 
 
-@pytest.fixture
-def tracking_server(postgres, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
     """An ``mlflow server`` on a fresh PostgreSQL database, serving the artifacts itself (the
-    workers need no shared file system), bound to 127.0.0.1; the test logs to it."""
-    import mlflow
-
+    workers need no shared file system), bound to 127.0.0.1; shared by this module's tests,
+    each in experiments and with phase-1 keys of its own."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", _database(postgres),
-         "--serve-artifacts", "--artifacts-destination", str(tmp_path / "served-artifacts"),
+         "--serve-artifacts", "--artifacts-destination", str(folder / "served-artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -108,23 +109,32 @@ def tracking_server(postgres, tmp_path, monkeypatch):
                     break
         except OSError:
             pass
-        if server.poll() is not None or time.monotonic() > deadline:
+        if process.poll() is not None or time.monotonic() > deadline:
             log.close()
-            pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+            pytest.fail(f"mlflow server did not start: "
+                        f"{(folder / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
     try:
         yield uri
     finally:
-        mlflow.set_tracking_uri("")
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=20)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture
+def tracking_server(server, tmp_path, monkeypatch):
+    """The test logs to the module's server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(server)
+    yield server
+    mlflow.set_tracking_uri("")
 
 
 def _command(*args: str) -> list[str]:
@@ -155,23 +165,23 @@ def _finished_cells_and_phase1(experiment: str) -> tuple[list[str], int]:
 def test_grid_on_two_jobs_is_killed_and_restarted_and_runs_every_cell_once(tracking_server,
                                                                            tmp_path):
     spec = tmp_path / "smoke.yaml"
-    spec.write_text(textwrap.dedent(SMOKE % {"epochs": 1}))
+    spec.write_text(textwrap.dedent(SMOKE % {"experiment": "smoke-killed", "subset_seed": 0}))
     command = _command("grid", str(spec), "--jobs", "2", "--quiet")
     driver = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(_finished_cells_and_phase1("smoke")[0]) < 3:
+    while len(_finished_cells_and_phase1("smoke-killed")[0]) < 3:
         assert driver.poll() is None, driver.stdout.read()
         assert time.monotonic() < deadline, "no three cells finished in 5 minutes"
         time.sleep(1)
     driver.send_signal(signal.SIGKILL)  # the driver alone: Ray's processes share its fate
     driver.wait()
-    finished_at_kill = len(_finished_cells_and_phase1("smoke")[0])
+    finished_at_kill = len(_finished_cells_and_phase1("smoke-killed")[0])
     assert finished_at_kill < 12
 
     again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    finished, trained = _finished_cells_and_phase1("smoke")
+    finished, trained = _finished_cells_and_phase1("smoke-killed")
     assert len(finished) == 12 and len(set(finished)) == 12  # each cell once
     assert trained == 4  # each phase 1 once
     # The restart ran only what was missing, one line per cell: cell, worker, BAC, seconds.
@@ -184,23 +194,23 @@ def test_grid_on_two_jobs_is_killed_and_restarted_and_runs_every_cell_once(track
     assert all(" s, run " in line and ":" in line.split("(")[-1] for line in lines), lines
     import mlflow
 
-    parents = mlflow.search_runs(experiment_names=["smoke"], output_format="list",
+    parents = mlflow.search_runs(experiment_names=["smoke-killed"], output_format="list",
                                  filter_string="tags.grid_role = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # The artifacts went through the server: a cell's model-free artifacts are readable here.
-    any_cell = _cells("smoke")[0]
+    any_cell = _cells("smoke-killed")[0]
     assert mlflow.MlflowClient().list_artifacts(any_cell.info.run_id)
 
 
 def test_two_grid_commands_on_one_spec_run_each_cell_and_phase1_once(tracking_server, tmp_path):
     spec = tmp_path / "smoke.yaml"
-    spec.write_text(textwrap.dedent(SMOKE % {"epochs": 1}))
+    spec.write_text(textwrap.dedent(SMOKE % {"experiment": "smoke-two", "subset_seed": 1}))
     command = _command("grid", str(spec), "--quiet")
     drivers = [subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [driver.communicate(timeout=600)[0] for driver in drivers]
     assert [d.returncode for d in drivers] == [0, 0], outputs
-    finished, trained = _finished_cells_and_phase1("smoke")
+    finished, trained = _finished_cells_and_phase1("smoke-two")
     assert len(finished) == 12 and len(set(finished)) == 12
     assert trained == 4
     # Both drivers did some of the work, and neither claims the other's cells as its own.
@@ -208,7 +218,7 @@ def test_two_grid_commands_on_one_spec_run_each_cell_and_phase1_once(tracking_se
     assert sum(ran) == 12 and min(ran) > 0, outputs
     import mlflow
 
-    parents = mlflow.search_runs(experiment_names=["smoke"], output_format="list",
+    parents = mlflow.search_runs(experiment_names=["smoke-two"], output_format="list",
                                  filter_string="tags.grid_role = 'parent'")
     assert len(parents) == 1
 
@@ -226,7 +236,7 @@ def test_study_on_two_jobs_with_postgresql_storage_is_exact(tracking_server, pos
     spec.write_text(yaml.safe_dump({
         "study": "k-on-ray", "experiment": "ray-tuning", "trials": 6,
         "cell": {"dataset": "digits", "method": "eos", "epochs": 1, "head_epochs": 1,
-                 "log_model": False, "system_metrics": False},
+                 "subset_seed": 2, "log_model": False, "system_metrics": False},
         "search_space": {"k_neighbors": {"type": "int", "low": 3, "high": 30}},
         "sampler": {"name": "TPESampler", "seed": 0}, "pruner": {"name": "NopPruner"}}))
     result = subprocess.run(_command("tune", str(spec), "--storage", storage, "--jobs", "2",
