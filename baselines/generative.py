@@ -3,8 +3,9 @@
 Each trains a generator on the long-tailed training subset only (never validation or test
 images), generates ``n_max - n_c`` images per class and hands phase 1 the real images plus
 these, as the pixel-space samplers do.  The generator is the method's training-set stage:
-keyed by the method's class and every hyper-parameter plus the subset, so a second training
-seed or another loss on the same subset reuses it (its random streams use the subset seed).
+keyed by the method's class and every hyper-parameter but ``frechet`` (a figure's switch)
+plus the subset, so a second training seed or another loss on the same subset reuses it (its
+random streams use the subset seed).
 
 Architecture (one family shared by all four, :class:`Generator` / :class:`Discriminator`):
 DCGAN-style, working at ``S`` = the nearest power of two at or above the image size (8, 28 ->
@@ -24,34 +25,48 @@ batch size (METHODS.md: GAMO 32, BAGAN 128; DCGAN's 64 for cgan; DeepSMOTE's 100
 rates are the published ones at every scale (Adam, beta1 0.5).  METHODS.md gives no epoch
 counts: 50 is our choice, said as such.
 
-Quality figure: the Frechet distance, per class, between real and generated images in the
-embedding space of a fixed, randomly initialised convolutional network (the discriminator
-body, seed 0, global-average pooled).  This is a stand-in: the issue asks for the ``none``
-model's extractor of the same cell, which the training-set hook cannot reach (that model is
-trained after this stage, in another run, if at all).  It is NOT the Inception FID; compare
-its values only within one dataset and image size.  Beside each class's bar, the distance
-between two halves of its real images shows what sampling noise alone gives.
+Quality figure (``frechet=True``, the default; ``frechet=False`` skips it): after phase 1,
+the Frechet distance, per class, between the real training images and the generated ones,
+measured in the embedding space of the ``none`` model's extractor for the same cell (same
+dataset, ratio, backbone, loss, seed and protocol: the phase 1 a ``--method none`` run of the
+cell trains).  That phase 1 comes from the stage cache; where the store lacks it, the method
+runs the ``none`` cell (a run of its own, nested in this one and tagged ``made_for_run``), so
+that a later ``--method none`` run reuses it.  Each distance fits a Gaussian to the pooled
+embeddings (64 numbers for ResNet-32) of at least two images per side.  This is NOT the
+Inception FID: the embedding is a small CNN trained on this very imbalanced subset, so compare
+values only within one cell (dataset, image size, backbone, loss, seed), never with published
+FIDs.  Beside each class's bar, the distance between two halves of its real images shows what
+sampling noise alone gives.  A run whose whole phase 1 is reused from another run (the same
+method, seed and loss again) computes no figure: that run holds it.
 
-What a run logs under ``training_set/``: ``samples.png`` (real beside generated, per class),
-``frechet.png`` and ``frechet.json``, and the metric ``generator/frechet_mean`` (every run
-using the stage); only in the run that trained the generator (in this process): the
-per-epoch losses as ``generator/<loss>`` metrics at ``step`` = epoch (bagan and deepsmote
-count the autoencoder's epochs first, as ``generator/ae_loss``), ``generator.json`` (the
-settings in force and the loss history) and the checkpoint ``generator.pt``.  A run that
-reuses the stage (another training seed or loss) logs the figures and the tag
-``training_set_run_id`` naming the run whose losses and checkpoint to look at.  The
-generator's seconds are the stage's, ``time/training_set_s``.
+What a run logs (names in ``benchmark/schema.py``): under ``training_set/``, ``samples.png``
+(real beside generated, per class), ``frechet.png`` and ``frechet.json``; the metrics
+``generator/frechet_mean`` and ``class/frechet_<c>`` per class, the tag
+``frechet_phase1_run_id`` (the ``none`` run whose extractor embedded them); only in the run
+that trained the generator: the per-epoch losses as ``generator/<loss>`` metrics at ``step`` =
+epoch, logged as they come (bagan and deepsmote count the autoencoder's epochs first, as
+``generator/ae_loss``), ``generator.json`` (the settings in force and the loss history) and
+the checkpoint ``generator.pt``.  The generator's seconds (training and generating) are
+``time/generator_s``, carved out of the training-set stage's ``time/training_set_s`` (which
+keeps the rest: the runtime total counts each second once).  A run that reuses the stage
+(another training seed or loss) logs the figures, the ``time/generator_s`` the stage recorded
+in the run that trained it, and the tag ``training_set_run_id`` naming that run (its
+description says the training set was reused).
 
 Failure modes: a non-finite generator or discriminator loss, or generated images of a class
-with near-zero variance across samples (mode collapse), raise ``DivergenceError``.  Since the
-training-set stage runs before the MLflow run exists, such a failure leaves no run behind and
-the CLI exits 1 with the reason.
+with near-zero variance across samples (mode collapse), raise ``DivergenceError``.  The
+training-set stage runs inside the cell's MLflow run, so such a failure ends that run FAILED
+with the reason in its ``failure_reason`` tag (and the losses up to it), and the CLI exits 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +78,10 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
+from benchmark import schema
 from benchmark.cell import stream_seed
 from benchmark.data import ImageSet
-from benchmark.errors import DivergenceError, UserError
+from benchmark.errors import DivergenceError, UserError, one_line
 from benchmark.methods import Method
 from benchmark.registry import METHODS
 
@@ -226,6 +242,10 @@ def wanted_labels(deficit: list[int]) -> torch.Tensor:
 POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
 AUTO_OR_POSITIVE_INT = [StrOptions({"auto"}), *POSITIVE_INT]
 LEARNING_RATE = [Interval(numbers.Real, 0, None, closed="neither")]
+# What every generative method adds to its own parameters: whether to measure the Frechet
+# figure (reporting only: not part of the generator's cache key).
+REPORTING_DEFAULTS = {"frechet": True}
+REPORTING_CONSTRAINTS = {"frechet": ["boolean"]}
 
 
 # Methods --------------------------------------------------------------------------------------
@@ -240,6 +260,8 @@ class GenerativeOverSampler(Method):
     """
 
     paper_batch: int = 64  # the published batch size, used at paper scale
+    # The cell whose model embeds the images for the Frechet figure: this cell's plain model.
+    frechet_method = "none"
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -247,10 +269,36 @@ class GenerativeOverSampler(Method):
         self.checkpoint: dict | None = None
         self.plan: dict = {}
         self.progress = False  # one line per generator epoch on stderr
+        self.on_record = None  # called with (step, losses) after every epoch (the run's log)
+
+    def accepted_params(self) -> set[str]:
+        return set(self.defaults) | set(REPORTING_DEFAULTS)
+
+    def hyperparameters(self) -> dict:
+        return {**self.defaults, **REPORTING_DEFAULTS, **self.params}
+
+    def validate(self) -> None:
+        super().validate()
+        from sklearn.utils._param_validation import validate_parameter_constraints
+
+        try:
+            validate_parameter_constraints(REPORTING_CONSTRAINTS, self.hyperparameters(),
+                                           caller_name=self.name)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"method '{self.name}': {one_line(err)}") from None
+
+    def stage_identity(self, stage: str) -> dict:
+        """The generator's parameters only: switching the figure off keeps the generator."""
+        identity = super().stage_identity(stage)
+        if "hyperparameters" in identity:
+            identity["hyperparameters"] = {k: v for k, v in identity["hyperparameters"].items()
+                                           if k not in REPORTING_DEFAULTS}
+        return identity
 
     def resolved(self, n_images: int) -> dict:
         """The settings in force for a training subset of ``n_images`` (the scale rule)."""
-        values = self.hyperparameters()
+        values = {k: v for k, v in self.hyperparameters().items()
+                  if k not in REPORTING_DEFAULTS}
         paper = n_images >= PAPER_SCALE_IMAGES
         if values.get("epochs") == "auto":
             values["epochs"] = PAPER_EPOCHS if paper else SMALL_EPOCHS
@@ -283,6 +331,8 @@ class GenerativeOverSampler(Method):
 
     def record(self, epoch: int, losses: dict[str, float]) -> None:
         check_finite(self.name, epoch, losses)
+        if self.on_record is not None:
+            self.on_record(len(self.history), losses)
         self.history.append(losses)
         if self.progress:
             print(f"{self.name} generator epoch {len(self.history)}: "
@@ -290,40 +340,77 @@ class GenerativeOverSampler(Method):
 
     # Stage hooks --------------------------------------------------------------------------
     def prepare_training_set(self, cell, train: ImageSet) -> ImageSet:
+        """Train the generator (its losses into the run as they come), time it as the
+        ``generator`` sub-stage, and add its images to the real ones."""
         self.progress = cell.progress
+        self.on_record = lambda step, losses: cell.log_metrics(
+            {schema.generator_metric(k): v for k, v in losses.items()}, step=step)
+        start = time.perf_counter()
         synthetic = self.generate(train, cell.cfg.subset_seed, cell.device)
+        cell.timings[schema.GENERATOR_STAGE] = time.perf_counter() - start
         return ImageSet(torch.cat([train.images, synthetic.images]),
                         torch.cat([train.labels, synthetic.labels]), train.classes)
 
     def training_set_artifacts(self, cell, real: ImageSet, combined: ImageSet,
                                folder: Path) -> None:
-        """Always: the sample grid and the Frechet figure.  Only when the generator was
-        trained in this process (not for a stage reused from another run): the per-epoch
-        losses as ``generator/*`` metrics, the settings in force and the checkpoint."""
+        """Always: the sample grid.  Only when the generator was trained in this process
+        (not for a stage reused from another run): the settings in force with the loss
+        history, and the checkpoint."""
         from baselines.pixel import plot_sample_grid
 
         n = len(real)
-        synthetic = ImageSet(combined.images[n:], combined.labels[n:], real.classes)
-        plot_sample_grid(real.images, real.labels, synthetic.images, synthetic.labels,
+        plot_sample_grid(real.images, real.labels, combined.images[n:], combined.labels[n:],
                          real.classes, folder / "samples.png")
-        distances = frechet_per_class(real, synthetic)
-        reference = frechet_per_class(real.subset(torch.arange(0, n, 2)),
-                                      real.subset(torch.arange(1, n, 2)))
-        plot_frechet(distances, reference, real.classes, folder / "frechet.png")
-        (folder / "frechet.json").write_text(json.dumps({
-            "generated_vs_real": {real.classes[c]: d for c, d in distances.items()},
-            "real_half_vs_real_half": {real.classes[c]: d for c, d in reference.items()},
-            "embedding": "randomly initialised conv net (seed 0), not Inception"}, indent=1))
-        finite = [d for d in distances.values() if math.isfinite(d)]
-        if finite:
-            cell.log_metrics({"generator/frechet_mean": float(np.mean(finite))})
         if self.history:
-            for epoch, losses in enumerate(self.history):
-                cell.log_metrics({f"generator/{k}": v for k, v in losses.items()}, step=epoch)
             (folder / "generator.json").write_text(json.dumps(
                 {"settings": self.plan, "history": self.history}, indent=1, default=str))
             if self.checkpoint is not None:
                 torch.save(self.checkpoint, folder / "generator.pt")
+
+    def phase1s_used(self, cfg) -> list:
+        """The ``none`` cell of ``cfg``, whose extractor the Frechet figure embeds in."""
+        if not self.hyperparameters()["frechet"]:
+            return []
+        return [dataclasses.replace(cfg, method=self.frechet_method, method_params={})]
+
+    def on_cell_end(self, cell, results: dict) -> None:
+        """The Frechet figure, in the embedding of this cell's ``none`` model (see the module's
+        docstring); nothing where it is switched off or phase 1 was reused whole."""
+        combined = results.get("training_set")
+        if not self.hyperparameters()["frechet"] or combined is None:
+            return
+        from benchmark.pipeline import embed, phase1_extractor, phase1_of
+
+        (plain,) = self.phase1s_used(cell.cfg)
+        phase1 = phase1_of(plain, progress=cell.progress,
+                           evaluate_test="metrics" in results,  # a tuning trial's stays blind
+                           tags={"made_for_run": cell.run.run_id})
+        extractor = phase1_extractor(cell, phase1)
+        real, n = cell.data.train, len(cell.data.train)
+        synthetic = ImageSet(combined.images[n:], combined.labels[n:], real.classes)
+        features = {"real": embed(cell, extractor, real.images),
+                    "generated": embed(cell, extractor, synthetic.images)}
+        real_y, fake_y = real.labels.numpy(), synthetic.labels.numpy()
+        distances = frechet_per_class(features["real"], real_y, features["generated"], fake_y,
+                                      real.num_classes)
+        halves = np.arange(n) % 2 == 0
+        reference = frechet_per_class(features["real"][halves], real_y[halves],
+                                      features["real"][~halves], real_y[~halves],
+                                      real.num_classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_frechet(distances, reference, real.classes, Path(tmp, "frechet.png"))
+            Path(tmp, "frechet.json").write_text(json.dumps({
+                "generated_vs_real": {real.classes[c]: d for c, d in distances.items()},
+                "real_half_vs_real_half": {real.classes[c]: d for c, d in reference.items()},
+                "embedding": f"pooled features of the '{self.frechet_method}' model of this "
+                             f"cell (run {phase1.run_id}); not Inception"}, indent=1))
+            cell.run.log_artifacts(tmp, "training_set")
+        cell.run.set_tags({"frechet_phase1_run_id": phase1.run_id})
+        finite = {c: d for c, d in distances.items() if math.isfinite(d)}
+        metrics = {schema.class_frechet(c): d for c, d in finite.items()}
+        if finite:
+            metrics[schema.FRECHET_MEAN] = float(np.mean(list(finite.values())))
+        cell.log_metrics(metrics)
 
 
 @METHODS.register("cgan")
@@ -627,41 +714,34 @@ class GenerativeAdversarialMinorityOversampling(GenerativeOverSampler):
 
 
 # Quality figure -------------------------------------------------------------------------------
-def feature_extractor(channels: int, size: int) -> Discriminator:
-    """The fixed stand-in embedding: a randomly initialised discriminator body (seed 0)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = Discriminator(channels, size, 32, pool=True)
-    return net.eval()
-
-
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted on the rows of ``a`` and ``b``."""
+    """Frechet distance between Gaussians fitted on the rows of ``a`` and ``b``.  With fewer
+    rows than columns the covariances are singular; as in the usual FID code, a tiny ridge
+    is added where the matrix square root is not finite."""
     from scipy import linalg
 
+    a, b = a.astype(np.float64), b.astype(np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():  # "singular matrix": expected, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+        if not np.isfinite(root).all():
+            ridge = 1e-6 * np.eye(len(cov_a))
+            root, _ = linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge), disp=False)
     root = np.real(root)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-@torch.no_grad()
-def frechet_per_class(real: ImageSet, synthetic: ImageSet) -> dict[int, float]:
-    """Per class with at least two real and two generated images: the Frechet distance in the
-    stand-in embedding (not the Inception FID)."""
-    size = working_size(real.images.shape[-1])
-    net = feature_extractor(real.images.shape[1], size)
-
-    def embed(images):
-        x = to_unit(images, size)
-        return torch.cat([net.body(x[i:i + 512]) for i in range(0, len(x), 512)]).double().numpy()
-
+def frechet_per_class(real: np.ndarray, real_labels: np.ndarray, generated: np.ndarray,
+                      generated_labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Per class with at least two real and two generated embeddings (rows): their Frechet
+    distance."""
     result = {}
-    for c in range(real.num_classes):
-        mine, theirs = real.images[real.labels == c], synthetic.images[synthetic.labels == c]
+    for c in range(num_classes):
+        mine, theirs = real[real_labels == c], generated[generated_labels == c]
         if len(mine) >= 2 and len(theirs) >= 2:
-            result[c] = frechet_distance(embed(mine), embed(theirs))
+            result[c] = frechet_distance(mine, theirs)
     return result
 
 
@@ -684,7 +764,7 @@ def plot_frechet(distances: dict[int, float], reference: dict[int, float], class
     ax.set_xticks(positions, [classes[c] for c in shown], rotation=45, ha="right")
     ax.set_ylabel("Frechet distance")
     ax.legend(fontsize=7)
-    ax.set_title("real vs generated, per class (random-conv embedding; not Inception FID)",
+    ax.set_title("real vs generated, per class (the none model's embedding; not Inception FID)",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

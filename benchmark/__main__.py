@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except DivergenceError as err:
-        print(f"error: {err}; a run it had started is marked FAILED in MLflow (try a lower "
-              f"--lr)", file=sys.stderr)
+        print(f"error: {err}; a run it had started is marked FAILED in MLflow (a lower "
+              f"learning rate usually helps)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the run is marked KILLED in MLflow", file=sys.stderr)

@@ -54,7 +54,8 @@ class Cell:
     ``generator(name)`` hands out one CPU generator per named random stream, so a method that
     draws (mixup's lambdas, say) never shifts the draws of another stream; the batch order and
     augmentation stream ``"batches"`` is seeded with the training seed itself.  ``timings``
-    collects ``{stage: seconds}``, logged as ``time_<stage>_s``.
+    collects ``{stage: seconds}``, logged as ``time/<stage>_s`` (a training-set hook may add
+    a sub-stage of its own, e.g. ``generator``).
     """
 
     cfg: "RunConfig"

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the pipeline's types, only for annotations (no import cycle
     import torch
 
     from benchmark.cell import Cell
+    from benchmark.config import RunConfig
     from benchmark.data import ImageSet
     from benchmark.models import Classifier
     from benchmark.train import Schedule, TensorBatches
@@ -55,7 +56,10 @@ class Method:
 
     Stages, in pipeline order (``cell`` is a :class:`benchmark.cell.Cell`):
 
-    - ``prepare_training_set(cell, train)``: the images phase 1 trains on [cached stage];
+    - ``prepare_training_set(cell, train)``: the images phase 1 trains on [cached stage],
+      computed inside the run (an exception ends it FAILED with the reason); seconds it
+      records in ``cell.timings[<sub-stage>]`` (a generator's training) become
+      ``time/<sub-stage>_s``, cached with the stage and left out of ``time/training_set_s``;
       ``training_set_artifacts(cell, real, combined, folder)``: figures of it.
     - ``build_model(cell, model)``: e.g. a module inserted at a named backbone stage.
     - ``train_step(cell)``: the phase-1 step ``(model, x, y, loss) -> loss`` (mixup, auxiliary
@@ -70,7 +74,12 @@ class Method:
     - ``final_head(cell, head, val_bac)``: the head to evaluate, given the one phase 3 left (or
       phase 1's): e.g. a transformation chosen on ``val_bac(module) -> float``, the validation
       BAC of a candidate head.  The cell's validation BAC becomes that of the returned head.
-    - ``on_cell_end(cell, results)``: after the test evaluation (diagnostics, figures).
+    - ``on_cell_end(cell, results)``: after the test evaluation (diagnostics, figures);
+      ``results`` holds the phase 1, the final head, the embeddings it was trained on,
+      ``training_set`` (the images phase 1 trained on, real first; None where the whole phase
+      1 was reused) and, when the test set was evaluated, ``metrics``.  A hook that needs
+      another cell's model (the ``none`` model of the same cell, say) asks
+      ``benchmark.pipeline.phase1_of``, which reuses or trains it through the stage cache.
     """
 
     name: str = ""
@@ -158,6 +167,13 @@ class Method:
 
     def on_cell_end(self, cell: "Cell", results: dict) -> None:
         pass
+
+    # Scheduling -------------------------------------------------------------------------------
+    def phase1s_used(self, cfg: "RunConfig") -> list["RunConfig"]:
+        """Other cells whose phase 1 a cell of this method uses when it trains its own (and
+        trains, when the store lacks it): a grid claims them with the cell, so that two
+        workers never train one twice."""
+        return []
 
 
 @dataclass

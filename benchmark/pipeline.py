@@ -150,85 +150,122 @@ class TrainingSet:
 
     images: ImageSet
     synthetic_counts: list[int]
-    seconds: float
+    timings: dict[str, float]  # stage -> seconds: ``training_set`` and the hook's sub-stages
     run_id: str | None  # the run that computed it, when loaded from the cache
+
+    @property
+    def reused(self) -> bool:
+        return self.run_id is not None
 
 
 # Training sets this process holds, by (store, key): a grid's seeds reuse them from memory.
 _TRAINING_SET_MEMO: OrderedDict[tuple[str, str], TrainingSet] = OrderedDict()
 
 
-def training_set_stage(cell: Cell, key: str | None, reuse: bool = True) -> TrainingSet:
-    """The method's training set: computed, or (``reuse``) loaded from the run that computed
-    it for the same key (before the run starts: a mismatch leaves no run behind)."""
+def cached_training_set(cell: Cell, key: str | None, reuse: bool = True) -> TrainingSet | None:
+    """The method's training set where nothing needs computing: the real subset for a method
+    without the stage, else (``reuse``) the one this process or the store holds for ``key``;
+    None when it must be computed (``compute_training_set``, inside the run).  Called before
+    the run starts, so that a cached stage that does not match leaves no run behind."""
     real = cell.data.train
     if key is None:
-        return TrainingSet(real, [0] * real.num_classes, 0.0, None)
+        return TrainingSet(real, [0] * real.num_classes, {}, None)
     memo_key = (tracking.tracking_uri(), key)
     if not reuse:  # --no-cache: the training set is computed again too
         _TRAINING_SET_MEMO.pop(memo_key, None)
+        return None
     if memo_key in _TRAINING_SET_MEMO:
         return _TRAINING_SET_MEMO[memo_key]
-    source = tracking.find_stage_run("training_set", key) if reuse else None
-    if source is not None:
-        folder = tracking.download_artifacts(source, "training_set")
-        with np.load(folder / "synthetic.npz") as npz:
-            images, labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"])
-        summary = json.loads((folder / "summary.json").read_text())
-        shutil.rmtree(folder.parent, ignore_errors=True)
-        if summary["real_class_counts"] != cell.data.class_counts or \
-                list(images.shape[1:]) != list(real.images.shape[1:]):
-            raise UserError(f"the cached training set of run {source} does not match this cell "
-                            f"(class counts {summary['real_class_counts']} vs "
-                            f"{cell.data.class_counts}); rerun with --no-cache")
-        combined = ImageSet(torch.cat([real.images, images]), torch.cat([real.labels, labels]),
-                            real.classes)
-        result = TrainingSet(combined, summary["synthetic_counts"], summary["seconds"], source)
-    else:
-        start = time.perf_counter()
+    source = tracking.find_stage_run("training_set", key)
+    if source is None:
+        return None
+    folder = tracking.download_artifacts(source, "training_set")
+    with np.load(folder / "synthetic.npz") as npz:
+        images, labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"])
+    summary = json.loads((folder / "summary.json").read_text())
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    if summary["real_class_counts"] != cell.data.class_counts or \
+            list(images.shape[1:]) != list(real.images.shape[1:]):
+        raise UserError(f"the cached training set of run {source} does not match this cell "
+                        f"(class counts {summary['real_class_counts']} vs "
+                        f"{cell.data.class_counts}); rerun with --no-cache")
+    combined = ImageSet(torch.cat([real.images, images]), torch.cat([real.labels, labels]),
+                        real.classes)
+    # Stores written before sub-stage times held only the stage's seconds.
+    timings = summary.get("timings") or {"training_set": summary["seconds"]}
+    return remember_training_set(memo_key, TrainingSet(combined, summary["synthetic_counts"],
+                                                       timings, source))
+
+
+def compute_training_set(cell: Cell, key: str) -> TrainingSet:
+    """Run the method's ``prepare_training_set`` (inside the run: a generator that diverges
+    ends it FAILED).  Seconds the hook recorded in ``cell.timings`` for sub-stages of its own
+    (a generator's training) are carved out of the stage's: ``training_set`` keeps the rest,
+    so that the runtime total counts each second once.  The global random state is left as
+    it was, so that phase 1 does not depend on what the hook drew."""
+    real = cell.data.train
+    before = set(cell.timings)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
         combined = cell.method.prepare_training_set(cell, real)
-        seconds = time.perf_counter() - start
-        synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
-                     - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
-        result = TrainingSet(combined, synthetic, seconds, None)
-    _TRAINING_SET_MEMO[memo_key] = result
+    seconds = time.perf_counter() - start
+    parts = {stage: cell.timings.pop(stage) for stage in set(cell.timings) - before}
+    timings = {**parts, "training_set": max(0.0, seconds - sum(parts.values()))}
+    synthetic = (torch.bincount(combined.labels, minlength=real.num_classes)
+                 - torch.bincount(real.labels, minlength=real.num_classes)).tolist()
+    return remember_training_set((tracking.tracking_uri(), key),
+                                 TrainingSet(combined, synthetic, timings, None))
+
+
+def remember_training_set(memo_key: tuple[str, str], training_set: TrainingSet) -> TrainingSet:
+    _TRAINING_SET_MEMO[memo_key] = training_set
+    _TRAINING_SET_MEMO.move_to_end(memo_key)
     while len(_TRAINING_SET_MEMO) > 2:
         _TRAINING_SET_MEMO.popitem(last=False)
-    return result
+    return training_set
+
+
+def training_set_stage(cell: Cell, key: str | None, reuse: bool = True) -> TrainingSet:
+    """The method's training set, from the cache where it may be, else computed."""
+    return cached_training_set(cell, key, reuse) or compute_training_set(cell, key)
 
 
 def log_training_set(cell: Cell, key: str | None, training_set: TrainingSet) -> None:
-    """Record the training-set stage in the run: its figures and counts always; the synthetic
-    images themselves, and the stage's completion, when computed here (a run with another
-    training seed then reuses them)."""
+    """Record the training-set stage in the run: its figures, counts and stage times always
+    (a reused stage's are those of the run that computed it, named by the tag
+    ``training_set_run_id``); the synthetic images themselves, and the stage's completion,
+    when computed here (a run with another training seed then reuses them)."""
     run, real = cell.run, cell.data.train
     if key is None:
         return
+    cell.timings.update(training_set.timings)
     run.set_tags({"training_set_key": key})
     run.log_params({"train_synthetic_counts": training_set.synthetic_counts})
     n_real = len(real)
     with tempfile.TemporaryDirectory() as tmp:
         cell.method.training_set_artifacts(cell, real, training_set.images, Path(tmp))
-        if training_set.run_id is None:
+        if not training_set.reused:
             np.savez_compressed(Path(tmp, "synthetic.npz"),
                                 images=training_set.images.images[n_real:].numpy(),
                                 labels=training_set.images.labels[n_real:].numpy())
             Path(tmp, "summary.json").write_text(json.dumps({
                 "real_class_counts": cell.data.class_counts,
                 "synthetic_counts": training_set.synthetic_counts,
-                "seconds": training_set.seconds}, indent=1))
+                "seconds": sum(training_set.timings.values()),
+                "timings": training_set.timings}, indent=1))
         run.log_artifacts(tmp, "training_set")
     run.set_tags({"training_set_run_id": training_set.run_id or run.run_id})
-    if training_set.run_id is None:
+    if not training_set.reused:
         run.set_tags({"training_set_complete": "true"})
         training_set.run_id = run.run_id  # later cells of this process reuse it as stored
 
 
 # Phase 1 --------------------------------------------------------------------------------------
-def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
+def train_phase1(cell: Cell, model: Classifier, training_set: TrainingSet,
                  resume: dict | None = None) -> Phase1:
-    """Train extractor and head end to end on ``training``, checkpointing into the run; then
-    embed the real training subset, validation and test (phase 2)."""
+    """Train extractor and head end to end on ``training_set``, checkpointing into the run;
+    then embed the real training subset, validation and test (phase 2)."""
+    training = training_set.images
     cfg, data, device, run = cell.cfg, cell.data, cell.device, cell.run
     generator = cell.generator("batches")
     cuda = device.type == "cuda"
@@ -291,7 +328,9 @@ def train_phase1(cell: Cell, model: Classifier, training: ImageSet,
     summary = {"best_epoch": result.best_epoch, "best_val_bac": result.best_score,
                "time_phase1_s": cell.timings["phase1"], "time_phase2_s": cell.timings["phase2"],
                "embedding_dim": model.extractor.embedding_dim, **cell_facts(cell),
-               "time_training_set_s": cell.timings.get("training_set", 0.0),
+               "time_training_set_s": training_set.timings.get("training_set", 0.0),
+               # A run that reuses this phase 1 is charged for the training set it needs.
+               "training_set_timings": training_set.timings,
                "synthetic_images": (
                    torch.bincount(training.labels, minlength=data.train.num_classes)
                    - torch.bincount(data.train.labels, minlength=data.train.num_classes)).tolist()}
@@ -491,11 +530,7 @@ def log_outputs(cell: Cell, phase1: Phase1, head, cm: np.ndarray, gap_per_class:
 def final_model(cell: Cell, phase1: Phase1, head) -> ImageClassifier:
     """The evaluated model as one module: phase 1's extractor (without training-only parts a
     method inserted), the final head and the normalisation."""
-    cfg = cell.cfg
-    extractor = BACKBONES.create(cfg.backbone, in_channels=cell.data.train.images.shape[1],
-                                 image_size=cfg.image_size, **cfg.backbone_params)
-    extractor.load_state_dict({k[len("extractor."):]: v for k, v in phase1.state_dict.items()
-                               if k.startswith("extractor.")})
+    extractor = phase1_extractor(cell, phase1, torch.device("cpu"))
     return ImageClassifier(extractor, copy.deepcopy(head).cpu(), cell.data.mean, cell.data.std)
 
 
@@ -558,11 +593,14 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
 
     Everything a user can get wrong (names, numbers, missing data, an empty class, a method
     that cannot work on these class counts, a cached stage that does not match) is checked
-    before the MLflow run starts, so a mistake leaves no run behind.  A phase 1 that a killed
-    run left checkpointed resumes from its checkpoint.  ``evaluate_test=False`` (tuning
-    trials) stops at the validation score and never touches the test set;
-    ``on_head_epoch(epoch, val_bac)`` sees every phase-3 epoch and may raise to stop the run
-    (a pruned trial), which then ends KILLED.
+    before the MLflow run starts, so a mistake leaves no run behind; the one mistake that
+    only computing can show (a training set a sampler cannot over-sample) moves the run it
+    met to MLflow's trash.  Work that can fail, the method's training-set stage (a generator
+    that diverges or collapses) included, runs inside the run, which then ends FAILED with
+    the reason.  A phase 1 that a killed run left checkpointed resumes from its checkpoint.
+    ``evaluate_test=False`` (tuning trials) stops at the validation score and never touches
+    the test set; ``on_head_epoch(epoch, val_bac)`` sees every phase-3 epoch and may raise to
+    stop the run (a pruned trial), which then ends KILLED.
     """
     started = time.perf_counter()
     cfg = cfg.resolved()
@@ -583,64 +621,112 @@ def run_cell(cfg: RunConfig, *, reuse_phase1: bool = True, progress: bool = True
     source_run = tracking.find_phase1_run(key) if reuse_phase1 else None
     resume_run = tracking.find_resumable_run(key) if source_run is None and reuse_phase1 else None
     resume = load_checkpoint(resume_run) if resume_run is not None else None
+    training_set = None
     if source_run is None:
-        training_set = training_set_stage(cell, training_key, reuse=reuse_phase1)
+        training_set = cached_training_set(cell, training_key, reuse=reuse_phase1)
         model, phase1 = build_model(cell), None
     else:
         phase1 = load_phase1(source_run)
         check_phase1(phase1, cell)
-        training_set, model = None, None
+        model = None
 
     run_name = run_name or f"{cfg.method}-{cfg.loss}-{cfg.dataset}-s{cfg.seed}"
-    with tracking.TrackedRun(cfg.experiment, run_name, {
-            tracking.TAG_PHASE1_KEY: key, "method": cfg.method, "loss": cfg.loss,
-            "dataset": cfg.dataset, "backbone": cfg.backbone, schema.TAG_CELL: cell_tag(cfg),
-            schema.TAG_SEED: str(cfg.seed), **(tags or {})},
-            system_metrics=cfg.system_metrics,
-            experiment_description=CELLS_DESCRIPTION) as run:
-        cell.run = run
-        log_cell_params(cell, key)
-        start = time.perf_counter()
-        if phase1 is None:
-            log_training_set(cell, training_key, training_set)
-            if training_key is not None:
-                cell.timings["training_set"] = training_set.seconds
-            if resume_run is not None:
-                run.set_tags({"resumed_from_run": resume_run,
-                              "resumed_at_epoch": str(resume["epoch"])})
-            phase1 = train_phase1(cell, model, training_set.images, resume)
-            cell.timings["phase1_load"] = 0.0
-        else:
-            run.set_tags({tracking.TAG_PHASE1_RUN: phase1.run_id})
-            cell.timings.update(phase1=phase1.summary["time_phase1_s"],
-                                phase2=phase1.summary["time_phase2_s"],
-                                phase1_load=time.perf_counter() - start)
-            if training_key is not None and "time_training_set_s" in phase1.summary:
-                cell.timings["training_set"] = phase1.summary["time_training_set_s"]
-        extra = method.phase2_outputs(cell, phase1)
-        head, train_x, train_y, phase3 = retrain_head(cell, phase1, resampler, on_head_epoch)
-        metrics = {schema.VAL_BAC: phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
-                   **{schema.time(stage): seconds for stage, seconds in cell.timings.items()}}
-        results = {"phase1": phase1, "head": head, "train_x": train_x, "train_y": train_y,
-                   "phase2_outputs": extra, "resampler": resampler}
-        if evaluate_test:
-            test_metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
-                                                       data.train.classes, device)
-            metrics.update(test_metrics)
-            synthetic = training_set.synthetic_counts if training_set is not None else \
-                phase1.summary.get("synthetic_images", [0] * data.train.num_classes)
-            log_outputs(cell, phase1, head, cm, gap_per_class, train_x, train_y, test_metrics,
-                        synthetic)
-            results.update(metrics=test_metrics, confusion=cm)
-        run.describe(run_description(cell, metrics, phase1, evaluate_test))
-        method.on_cell_end(cell, results)
-        if evaluate_test:
-            run_diagnostics(cell, results, diagnostics)
-        metrics[schema.WALL_TIME] = time.perf_counter() - started
-        run.log_metrics(metrics)
+    tracked = tracking.TrackedRun(cfg.experiment, run_name, {
+        tracking.TAG_PHASE1_KEY: key, "method": cfg.method, "loss": cfg.loss,
+        "dataset": cfg.dataset, "backbone": cfg.backbone, schema.TAG_CELL: cell_tag(cfg),
+        schema.TAG_SEED: str(cfg.seed), **(tags or {})},
+        system_metrics=cfg.system_metrics, experiment_description=CELLS_DESCRIPTION)
+    try:
+        with tracked as run:
+            cell.run = run
+            log_cell_params(cell, key)
+            start = time.perf_counter()
+            if phase1 is None:
+                if training_set is None:
+                    training_set = compute_training_set(cell, training_key)
+                log_training_set(cell, training_key, training_set)
+                if resume_run is not None:
+                    run.set_tags({"resumed_from_run": resume_run,
+                                  "resumed_at_epoch": str(resume["epoch"])})
+                phase1 = train_phase1(cell, model, training_set, resume)
+                cell.timings["phase1_load"] = 0.0
+            else:
+                run.set_tags({tracking.TAG_PHASE1_RUN: phase1.run_id})
+                cell.timings.update(phase1=phase1.summary["time_phase1_s"],
+                                    phase2=phase1.summary["time_phase2_s"],
+                                    phase1_load=time.perf_counter() - start)
+                if training_key is not None:
+                    cell.timings.update(reused_training_set_timings(phase1.summary))
+            extra = method.phase2_outputs(cell, phase1)
+            head, train_x, train_y, phase3 = retrain_head(cell, phase1, resampler, on_head_epoch)
+            metrics = {schema.VAL_BAC: phase3.get("best_val_bac", phase1.summary["best_val_bac"]),
+                       **{schema.time(stage): seconds for stage, seconds in cell.timings.items()}}
+            results = {"phase1": phase1, "head": head, "train_x": train_x, "train_y": train_y,
+                       "phase2_outputs": extra, "resampler": resampler,
+                       "training_set": training_set.images if training_set is not None else None}
+            if evaluate_test:
+                test_metrics, cm, gap_per_class = evaluate(head, phase1, train_x, train_y,
+                                                           data.train.classes, device)
+                metrics.update(test_metrics)
+                synthetic = training_set.synthetic_counts if training_set is not None else \
+                    phase1.summary.get("synthetic_images", [0] * data.train.num_classes)
+                log_outputs(cell, phase1, head, cm, gap_per_class, train_x, train_y,
+                            test_metrics, synthetic)
+                results.update(metrics=test_metrics, confusion=cm)
+            run.describe(run_description(cell, metrics, phase1, evaluate_test, training_set))
+            method.on_cell_end(cell, results)
+            if evaluate_test:
+                run_diagnostics(cell, results, diagnostics)
+            metrics[schema.WALL_TIME] = time.perf_counter() - started
+            run.log_metrics(metrics)
+    except UserError:
+        if tracked.run_id is not None:
+            tracking.delete_run(tracked.run_id)
+        raise
     return {"run_id": run.run_id, "phase1_run_id": phase1.run_id,
             "phase1_reused": source_run is not None, "resumed_from": resume_run,
             "metrics": metrics, "experiment": run.experiment, "config": cfg}
+
+
+def reused_training_set_timings(summary: dict) -> dict[str, float]:
+    """The training-set stage times a reused phase 1 recorded (runs that predate sub-stage
+    times recorded only ``time_training_set_s``)."""
+    if "training_set_timings" in summary:
+        return summary["training_set_timings"]
+    return {"training_set": summary["time_training_set_s"]} \
+        if "time_training_set_s" in summary else {}
+
+
+def phase1_of(cfg: RunConfig, *, progress: bool = False, evaluate_test: bool = True,
+              tags: dict[str, str] | None = None) -> Phase1:
+    """The phase 1 of the cell ``cfg`` (a method's hook asking for another cell's model: the
+    ``none`` model of its own cell, say): from the stage cache, else trained by running that
+    cell (its own run, nested in the active one), so that a later run of it reuses this one."""
+    cfg = cfg.resolved()
+    run_id = tracking.find_phase1_run(cfg.phase1_key())
+    if run_id is None:
+        run_id = run_cell(cfg, progress=progress, evaluate_test=evaluate_test,
+                          tags=tags)["phase1_run_id"]
+    return load_phase1(run_id)
+
+
+def phase1_extractor(cell: Cell, phase1: Phase1,
+                     device: torch.device | None = None) -> torch.nn.Module:
+    """The feature extractor of ``phase1`` (of a cell with ``cell``'s data and backbone),
+    without training-only parts a method inserted, in evaluation mode on ``device`` (default:
+    the cell's)."""
+    cfg = cell.cfg
+    extractor = BACKBONES.create(cfg.backbone, in_channels=cell.data.train.images.shape[1],
+                                 image_size=cfg.image_size, **cfg.backbone_params)
+    extractor.load_state_dict({k[len("extractor."):]: v for k, v in phase1.state_dict.items()
+                               if k.startswith("extractor.")})
+    return extractor.to(device or cell.device).eval()
+
+
+def embed(cell: Cell, extractor: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """The pooled embeddings of uint8 ``images`` under ``extractor``, normalised as phase 1
+    normalises the cell's images."""
+    return predict(extractor, images.to(cell.device), transform=normalizer(cell)).numpy()
 
 
 CELLS_DESCRIPTION = (
@@ -656,7 +742,8 @@ def cell_tag(cfg: RunConfig) -> str:
                              cfg.method, settings)
 
 
-def run_description(cell: Cell, metrics: dict, phase1: Phase1, tested: bool) -> str:
+def run_description(cell: Cell, metrics: dict, phase1: Phase1, tested: bool,
+                    training_set: TrainingSet | None = None) -> str:
     """The run's note: its headline numbers and where its phase 1 came from."""
     cfg = cell.cfg
     lines = [f"**{cell_tag(cfg)}**, seed {cfg.seed}", ""]
@@ -671,6 +758,10 @@ def run_description(cell: Cell, metrics: dict, phase1: Phase1, tested: bool) -> 
     else:
         lines.append(f"\nPhase 1 reused from [run {phase1.run_id}]"
                      f"({tracking.run_link(phase1.run_id)}).")
+    if training_set is not None and training_set.reused and training_set.run_id != cell.run.run_id:
+        lines.append(f"\nTraining set ({', '.join(sorted(training_set.timings))}) reused from "
+                     f"[run {training_set.run_id}]({tracking.run_link(training_set.run_id)}): "
+                     f"its stage times are that run's.")
     if cell.method.notes or cell.data.validation_note:
         lines.append("\nNotes: " + "; ".join(cell.method.notes + (
             [f"validation: {cell.data.validation_note}"] if cell.data.validation_note else [])))

@@ -84,6 +84,8 @@ BACKBONE_ORDER = ("resnet32", "resnet56", "densenet", "wrn28")
 FIXED_ORDERS = {"loss": LOSS_ORDER, "loss_label": LOSS_ORDER, "dataset": DATASET_ORDER,
                 "backbone_label": BACKBONE_ORDER}
 METHOD_FIELDS = ("method", "method_label", "method_variant")
+# The cell keys that follow from the method: the rest names what a method is compared on.
+METHOD_KEYS = METHOD_FIELDS + ("K", GROUP_FIELD)
 # Components whose logged parameters (``params.<group>.<name>``) join their label.
 VARIANT_GROUPS = ("backbone", "loss", "method")
 K_PARAM = "k_neighbors"
@@ -318,9 +320,12 @@ class Layout:
     every cell key, so a table cell is exactly one aggregated cell.  Titles always name the
     ``named`` fields, other split fields only where two tables differ in them; file names do
     the same when ``stem_kind`` is set, and otherwise name only what tells tables apart.
-    ``best``: the best mean is bold per "row" (among column groups) or per "column" (among
-    rows).  A row level on the methods' group (``GROUP_FIELD``) is left out when the report
-    has no groups."""
+    ``best``: the best mean is bold per "row" (among column groups), per "column" (among
+    rows) or per "block" (per column among the rows of one first-level label, e.g. one
+    dataset).  ``times``: stages whose mean seconds join the score columns (with the total
+    of every stage and its ratio to the reference method's), for tables that weigh scores
+    against runtime.  A row level on the methods' group (``GROUP_FIELD``) is left out when the
+    report has no groups."""
 
     name: str
     heading: str
@@ -330,6 +335,7 @@ class Layout:
     named: tuple[str, ...]
     stem_kind: str = ""
     best: str = "row"
+    times: tuple[str, ...] = ()
 
     def without_groups(self) -> "Layout":
         return dataclasses.replace(self, rows=tuple(level for level in self.rows
@@ -358,6 +364,15 @@ PAPER_LAYOUTS = {layout.name: layout for layout in (
     # table, the resamplers as column groups.
     Layout("table2", "Table II: losses and resamplers", split=(),
            rows=(DATASET_LEVEL, Level("Loss", "loss_label")), group=METHOD_LEVEL, named=()),
+    # Table III, transposed with respect to the paper (which puts the methods in column
+    # groups): per dataset (with its backbone, ratio and training settings) a row per method,
+    # in the spec's row groups (GANs, autoencoder, embedding space), BAC / GM / FM beside the
+    # generator's seconds, the total of every stage and its ratio to the reference's (EOS):
+    # the paper's point is the score each method buys with its runtime.  One table per loss
+    # (the paper's has four; studies/paper/table3.yaml runs cross-entropy); best per dataset.
+    Layout("table3", "Table III: generative over-samplers vs EOS", split=("loss_label",),
+           rows=(DATASET_LEVEL, Level("Group", GROUP_FIELD), METHOD_LEVEL), group=None,
+           named=("loss_label",), best="block", times=(schema.GENERATOR_STAGE,)),
     # Table IV, transposed with respect to the paper (which puts K in columns): a row per K,
     # a column per metric; the best K per metric in bold.
     Layout("table4", "Table IV: sensitivity to K", split=SETTING_KEYS + ("loss_label",
@@ -546,13 +561,14 @@ def fold_constant_count(table: Table) -> Table:
 
 def mark_best(table: Table, per: str) -> None:
     """Bold the best mean (as shown, so rounding ties count as ties) of every score column
-    title per row (among groups) or of every score column (among rows); only where two or
-    more values compete."""
+    title per row (among groups), of every score column (among rows) or of every score
+    column per first-level row label ("block"); only where two or more values compete."""
     contests: dict[tuple, list] = {}
     for (row, column), stat in table.values.items():
         if column.kind != SCORE or pd.isna(stat.mean):
             continue
-        contest = (row, column.title) if per == "row" else column
+        contest = {"row": (row, column.title), "column": column,
+                   "block": (row[0], column)}[per]
         shown = round(percent(stat.mean), table.digits)
         contests.setdefault(contest, []).append((shown, row, column))
     for entries in contests.values():
@@ -571,8 +587,11 @@ def empty_table(piece: Piece, rows: tuple[Level, ...], columns: list[Column], ca
 
 
 def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
-                orders: Orders, digits: int = DEFAULT_DIGITS) -> Table:
-    """Mean and std of every metric, and the number of seeds, per row and column group."""
+                orders: Orders, digits: int = DEFAULT_DIGITS,
+                reference: str = DEFAULT_REFERENCE) -> Table:
+    """Mean and std of every metric, and the number of seeds, per row and column group; with
+    the layout's ``times``, their mean seconds, the total and the total divided by that of
+    the ``reference`` method's cell that differs only in the method (a dash without one)."""
     def group_of(key: dict) -> str | None:
         return None if layout.group is None else level_label(piece.cells, layout.group, key)
 
@@ -581,6 +600,9 @@ def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
             piece.cells, key=lambda cell: level_order(layout.group, cell[0], orders))))
     columns = [c for group in groups for c in
                [Column(group, title, SCORE) for title in metrics] + [Column(group, "n", COUNT)]]
+    times = time_columns(layout)
+    columns += [Column(None, title, SECONDS) for title in times] + (
+        [Column(None, ratio_title(reference), RATIO)] if times else [])
     table, labelled = empty_table(piece, layout.rows, columns, caption, orders, digits)
     for labels, key, row in labelled:
         group = group_of(key)
@@ -592,8 +614,29 @@ def score_table(piece: Piece, layout: Layout, metrics: dict[str, str], caption,
             if not pd.isna(row[(metric, "mean")]):
                 table.values[(labels, Column(group, title, SCORE))] = Stat(
                     row[(metric, "mean")], row[(metric, "std")])
+        for title, metric in times.items():
+            if not pd.isna(row[(metric, "mean")]):
+                table.values[(labels, Column(None, title, SECONDS))] = Stat(
+                    row[(metric, "mean")], row[(metric, "std")])
+        if times:
+            peers = [(k, r) for k, r in piece.cells
+                     if all(k[f] == key[f] for f in CELL_KEYS if f not in METHOD_KEYS)]
+            total = reference_total(peers, reference)
+            if total is not None and not pd.isna(row[(TOTAL_TIME, "mean")]):
+                table.values[(labels, Column(None, ratio_title(reference), RATIO))] = Stat(
+                    row[(TOTAL_TIME, "mean")] / total)
     mark_best(table, layout.best)
     return fold_constant_count(table)
+
+
+def time_columns(layout: Layout) -> dict[str, str]:
+    """Column title -> time metric of a layout's ``times`` (seconds), then the total; empty
+    for a layout without times."""
+    if not layout.times:
+        return {}
+    stages = {f"{stage_title(schema.time(stage))} (s)": schema.time(stage)
+              for stage in layout.times}
+    return {**stages, "Total (s)": TOTAL_TIME}
 
 
 def ratio_title(reference: str) -> str:
@@ -812,11 +855,23 @@ def markdown_table(frame: pd.DataFrame, title: str, caption: str) -> str:
 
 # Captions -------------------------------------------------------------------------------------
 def score_caption(gm_form: str, experiments: list[str], best: str,
-                  notes: list[tuple[str, list[tuple[str, str]]]]
+                  notes: list[tuple[str, list[tuple[str, str]]]], block: str = "",
+                  times: dict[str, str] | None = None, reference: str = DEFAULT_REFERENCE
                   ) -> Callable[[Markup, Table], str]:
     def caption(markup: Markup, table: Table) -> str:
         esc = markup.escape
-        where = "row and metric" if best == "row" else "column"
+        where = {"row": "row and metric", "column": "column",
+                 "block": f"{block} and column"}[best]
+        runtime = ""
+        if times:
+            stages = "; ".join(f"{esc(title)}: mean seconds of the stage "
+                               f"{esc(schema.stage_of(metric))}"
+                               for title, metric in times.items() if metric != TOTAL_TIME)
+            runtime = (f" {stages} (a dash: the method has none); Total (s): the sum of the "
+                       f"stages each run logged, as if computed from scratch (a reused stage "
+                       f"counts the time of the run that computed it); "
+                       f"{esc(ratio_title(reference))}: that total divided by "
+                       f"{esc(reference)}'s for the same {block or 'setting'} and loss.")
         settings = "".join(f" Settings per {esc(header)}: " + "; ".join(
             f"{esc(label)}: {esc(text)}" for label, text in entries) + "."
             for header, entries in notes)
@@ -831,8 +886,8 @@ def score_caption(gm_form: str, experiments: list[str], best: str,
                       f"seeds (the mean alone for a single seed); {markup.seeds_header}: "
                       f"number of seeds.")
         return (f"{spread} BAC: balanced accuracy; GM: {esc(GM_FORMS[gm_form][1])}; FM: macro "
-                f"F1. Best mean per {where} in bold; a dash: no finished run.{settings} "
-                f"{experiments_text(experiments, markup)}")
+                f"F1. Best mean per {where} in bold; a dash: no finished run.{runtime}"
+                f"{settings} {experiments_text(experiments, markup)}")
     return caption
 
 
@@ -904,7 +959,8 @@ class Report:
         prefix = prefix or ("" if layout.name == GENERIC.name else layout.name)
         orders = report_orders(methods or method_order(runs["method"], reference),
                                tuple(groups or ()))
-        return cls(runs, aggregate(runs, list(score_metrics(gm_form).values())),
+        times = list(time_columns(layout).values())
+        return cls(runs, aggregate(runs, list(score_metrics(gm_form).values()) + times),
                    aggregate(runs, stages + [TOTAL_TIME]), experiments, gm_form,
                    layout if groups else layout.without_groups(), prefix, reference, stages,
                    orders, digits)
@@ -916,9 +972,11 @@ class Report:
             notes = [(level.header.lower(), level_settings_note(piece.cells, level, self.orders))
                      for level in levels if level.folded]
             caption = score_caption(self.gm_form, self.experiments, self.layout.best,
-                                    [n for n in notes if n[1]])
+                                    [n for n in notes if n[1]],
+                                    self.layout.rows[0].header.lower(),
+                                    time_columns(self.layout), self.reference)
             tables.append(score_table(piece, self.layout, score_metrics(self.gm_form), caption,
-                                      self.orders, self.digits))
+                                      self.orders, self.digits, self.reference))
         return tables
 
     def runtime_tables(self) -> list[Table]:
@@ -1293,9 +1351,11 @@ GROUPING_NOTE = (
     "seeds; only the latest run of a cell and seed counts, and runs of several experiments "
     "with one setting share cells; without --experiment or --grid, every experiment of the "
     "store that holds cells is reported.  Generic layout: a table per setting, rows loss, columns "
-    "method.  --grid with a spec named table1 / table2 / table4 / table5 picks the paper's "
-    "layout; methods then come in the spec's order (else alphabetically, the reference last), "
-    "and Table I groups its rows by the spec's `groups:`.")
+    "method.  --grid with a spec named table1 / table2 / table3 / table4 / table5 (or "
+    "table3-smoke and the like) picks the paper's layout; methods then come in the spec's "
+    "order (else alphabetically, the reference last), Tables I and III group their rows by "
+    "the spec's `groups:`, and Table III shows the generator's and total seconds beside the "
+    "scores.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1313,8 +1373,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", metavar="SPEC",
                         help="grid spec (YAML): report only its cells (runs tagged with one "
                              "of its cell keys), from its experiment, methods in its order; "
-                             "specs named table1, table2, table4 or table5 get the paper's "
-                             "layout")
+                             "specs named table1 to table5 (or table3-smoke and the like) get "
+                             "the paper's layout")
     parser.add_argument("--analysis", action="store_true",
                         help="add the diagnostics' figures across the runs (gap against "
                              "imbalance ratio, top-K coverage by class size, weight norms); a "
@@ -1374,10 +1434,15 @@ def scope_of(args: argparse.Namespace) -> Scope:
     spec = read_spec(args.grid)
     keys = {cell_key(cfg) for cfg in grid.cells}
     methods = tuple(dict.fromkeys(cfg.method for cfg in grid.cells))
-    return Scope(experiments or [grid.experiment], keys, grid.name,
-                 PAPER_LAYOUTS.get(grid.name, GENERIC),
+    return Scope(experiments or [grid.experiment], keys, grid.name, layout_of(grid.name),
                  reference or spec_reference(spec, methods, args.grid), methods,
                  spec_groups(spec, methods, args.grid), bool(spec.get("analysis", False)))
+
+
+def layout_of(grid_name: str) -> Layout:
+    """A grid named after a paper table (``table3``), or a smaller version of one named
+    ``<table>-<anything>`` (``table3-smoke``), gets that table's layout; others the generic."""
+    return PAPER_LAYOUTS.get(grid_name) or PAPER_LAYOUTS.get(grid_name.split("-")[0], GENERIC)
 
 
 def spec_reference(spec: dict, methods: tuple[str, ...], where: str) -> str:

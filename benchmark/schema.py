@@ -8,7 +8,8 @@ Metric names are grouped with "/" so that MLflow's chart view shows them in sect
 | ``val/bac`` | the validation score the final model was selected on |
 | ``phase1/train_loss``, ``phase1/val_bac``, ``phase1/lr`` (per epoch), ``phase1/best_epoch``, ``phase1/best_val_bac`` | phase 1 |
 | ``phase3/train_loss``, ``phase3/val_bac`` (per epoch), ``phase3/best_epoch``, ``phase3/best_val_bac`` | phase 3 |
-| ``time/<stage>_s`` | seconds per stage (``training_set``, ``phase1``, ``phase2``, ``resample``, ``phase3``; ``phase1_load`` and ``wall`` besides) |
+| ``time/<stage>_s`` | seconds per stage (``training_set``, ``phase1``, ``phase2``, ``resample``, ``phase3``; ``phase1_load`` and ``wall`` besides); a training-set hook may time sub-stages of its own, e.g. ``time/generator_s`` (a generator's training and sampling), which ``time/training_set_s`` then leaves out, so that the sum of the stages counts each second once; a reused stage logs the seconds of the run that computed it |
+| ``generator/<loss>`` (per epoch), ``generator/frechet_mean``, ``class/frechet_<c>`` | a generative over-sampler's losses and its Frechet figure (the ``none`` model's embedding, not Inception) |
 | ``gap/overall`` | the EOS paper's generalization gap of the embeddings the head was trained on |
 | ``class/recall_<c>``, ``class/gap_<c>`` | per class c (also as the table ``per_class.json``) |
 | ``longtail/many_acc``, ``longtail/medium_acc``, ``longtail/few_acc``, ``longtail/top1_error`` | long-tail splits by training images (diagnostic ``longtail``) |
@@ -27,6 +28,8 @@ GAP = "gap/overall"
 TIME_PREFIX, TIME_SUFFIX = "time/", "_s"
 WALL_TIME = "time/wall_s"
 LOAD_TIME = "time/phase1_load_s"
+GENERATOR_STAGE = "generator"  # a generative over-sampler's sub-stage of the training set
+FRECHET_MEAN = "generator/frechet_mean"
 
 # Tags every cell run carries.
 TAG_CELL = "cell"  # readable identity, e.g. digits/resnet32/ce/eos: group by it to average seeds
@@ -53,6 +56,16 @@ def stage_of(metric: str) -> str | None:
     if metric.startswith(TIME_PREFIX) and metric.endswith(TIME_SUFFIX):
         return metric[len(TIME_PREFIX):-len(TIME_SUFFIX)]
     return None
+
+
+def generator_metric(name: str) -> str:
+    """A generator's per-epoch loss: ``generator/g_loss``."""
+    return f"generator/{name}"
+
+
+def class_frechet(c: int) -> str:
+    """Frechet distance between class c's real and generated images: ``class/frechet_3``."""
+    return f"class/frechet_{c}"
 
 
 def recall(c: int) -> str:

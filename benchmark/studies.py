@@ -440,13 +440,18 @@ class _StageCache:
 
 
 def _stages_to_train(cfg: RunConfig, cache: _StageCache) -> list[tuple[str, str]]:
-    """The cached stages ``cfg``'s cell would compute now (none when its phase 1 is there)."""
+    """The cached stages ``cfg``'s cell would compute now (none when its phase 1 is there):
+    its phase 1, its training set, and the phase 1s of other cells its method uses."""
     if cache.has("phase1", cfg.phase1_key()):
         return []
     needs = [("phase1", cfg.phase1_key())]
     training_key = cfg.training_set_key()
     if training_key and not cache.has("training_set", training_key):
         needs.append(("training_set", training_key))
+    for other in cfg.method_instance().phase1s_used(cfg):
+        key = other.resolved().phase1_key()
+        if not cache.has("phase1", key):
+            needs.append(("phase1", key))
     return needs
 
 

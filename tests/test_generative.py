@@ -2,6 +2,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,32 @@ def test_stage_key_follows_generator_parameters():
 
 
 def test_frechet_is_zero_for_identical_sets_and_grows_with_difference():
-    real = smooth_images(8, 1, counts=[30, 30])
-    same = generative.frechet_per_class(real, real)
-    assert all(abs(d) < 1e-6 for d in same.values())
-    other = ImageSet(255 - real.images, real.labels, real.classes)
-    assert all(d > 1e-3 for d in generative.frechet_per_class(real, other).values())
+    rng = np.random.default_rng(0)
+    real, labels = rng.normal(size=(60, 8)), np.repeat([0, 1], 30)
+    same = generative.frechet_per_class(real, labels, real, labels, 2)
+    assert sorted(same) == [0, 1] and all(abs(d) < 1e-6 for d in same.values())
+    shifted = generative.frechet_per_class(real, labels, real + 1.0, labels, 2)
+    assert all(d == pytest.approx(8.0, rel=1e-6) for d in shifted.values())  # |mean shift|^2
+    # Fewer rows than dimensions (a rare class): singular covariances, still a finite figure.
+    few = generative.frechet_per_class(real[:3], labels[:3] * 0, real[3:6], labels[:3] * 0, 2)
+    assert list(few) == [0] and math.isfinite(few[0])
+
+
+def test_frechet_switch_is_no_part_of_the_generator_key():
+    def key(**params):
+        return RunConfig(dataset="digits", method="gamo", method_params=params
+                         ).resolved().training_set_key()
+
+    assert key(frechet=False) == key() and key(width=16) != key()
+    with pytest.raises(UserError, match="frechet"):
+        RunConfig(dataset="digits", method="gamo", method_params={"frechet": "no"}).resolved()
+
+
+def runs_of(client, **tags):
+    import mlflow
+
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
 def test_run_cell_end_to_end(mlflow_store, tiny_config):
@@ -131,18 +153,91 @@ def test_run_cell_end_to_end(mlflow_store, tiny_config):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     files = {f.path for f in client.list_artifacts(run.info.run_id, "training_set")}
-    assert {"training_set/samples.png", "training_set/frechet.png",
-            "training_set/generator.pt"} <= files
+    assert {"training_set/samples.png", "training_set/frechet.png", "training_set/frechet.json",
+            "training_set/generator.pt", "training_set/generator.json"} <= files
     assert [m.step for m in client.get_metric_history(run.info.run_id, "generator/g_loss")] == [0]
-    assert "generator/frechet_mean" in run.data.metrics
+    metrics = run.data.metrics
+    # The generator's seconds are a stage of their own, out of the training-set stage's.
+    assert metrics["time/generator_s"] > 0 and metrics["time/training_set_s"] < \
+        metrics["time/generator_s"]
+    # The Frechet figure, per class and its mean, in the none model's embedding: that model
+    # was trained for it (a nested run of the none cell) and a later none run reuses it.
+    per_class = [metrics[f"class/frechet_{c}"] for c in range(10) if f"class/frechet_{c}" in
+                 metrics]
+    assert len(per_class) == 9  # every class but the largest got images
+    assert metrics["generator/frechet_mean"] == pytest.approx(np.mean(per_class))
+    (plain,) = runs_of(client, method="none")
+    assert run.data.tags["frechet_phase1_run_id"] == plain.info.run_id
+    assert plain.data.tags["made_for_run"] == run.info.run_id
+    assert plain.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert plain.info.status == "FINISHED" and plain.data.tags["phase1_complete"] == "true"
+    later = run_cell(dataclasses.replace(cfg, method="none", method_params={}), progress=False)
+    assert later["phase1_reused"] and later["phase1_run_id"] == plain.info.run_id
 
-    # A second training seed reuses the generator: figures again, no losses, names its source.
-    again = client.get_run(run_cell(dataclasses.replace(cfg, seed=1), progress=False)["run_id"])
+    # A second training seed reuses the generator: its recorded time, no losses, the figures
+    # again, and it names its source; a none model of its own seed embeds its images.
+    again_result = run_cell(dataclasses.replace(cfg, seed=1), progress=False)
+    again = client.get_run(again_result["run_id"])
     assert again.data.tags["training_set_run_id"] == run.info.run_id
+    assert again.data.metrics["time/generator_s"] == metrics["time/generator_s"]
+    assert "Training set (generator, training_set) reused from [run " \
+        f"{run.info.run_id}]" in again.data.tags["mlflow.note.content"]
     assert "generator/g_loss" not in again.data.metrics
     files = {f.path for f in client.list_artifacts(again.info.run_id, "training_set")}
     assert {"training_set/samples.png", "training_set/frechet.png"} <= files
     assert "training_set/generator.pt" not in files
+    assert len(runs_of(client, method="none")) == 3  # the later one and seed 1's
+
+    # The same cell again reuses its whole phase 1, and with it the stage times.
+    third = run_cell(cfg, progress=False)
+    assert third["phase1_reused"]
+    assert third["metrics"]["time/generator_s"] == metrics["time/generator_s"]
+
+
+def test_frechet_switched_off_trains_no_none_model(mlflow_store, tiny_config):
+    import mlflow
+
+    from benchmark.pipeline import run_cell
+
+    cfg = tiny_config(method="deepsmote", epochs=1, head_epochs=1,
+                      method_params={"epochs": 1, "width": 8, "latent": 16, "frechet": False})
+    run = mlflow.get_run(run_cell(cfg, progress=False)["run_id"])
+    assert run.info.status == "FINISHED" and "generator/frechet_mean" not in run.data.metrics
+    assert "time/generator_s" in run.data.metrics
+    assert runs_of(mlflow.MlflowClient(), method="none") == []
+
+
+def test_diverging_generator_ends_the_run_failed_with_the_reason(mlflow_store, tiny_config):
+    import mlflow
+
+    from benchmark.pipeline import run_cell
+
+    cfg = tiny_config(method="cgan", epochs=1, head_epochs=1,
+                      method_params={"epochs": 2, "width": 8, "latent": 16, "lr": 1e30})
+    with pytest.raises(DivergenceError, match="diverged"):
+        run_cell(cfg, progress=False)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and run.data.tags["method"] == "cgan"
+    assert run.data.tags["failure_reason"].startswith(
+        "DivergenceError: method 'cgan': the generator's training diverged at epoch 1")
+    assert "training_set_complete" not in run.data.tags  # nothing cached for a later run
+
+
+def test_mode_collapse_ends_the_run_failed_with_the_reason(mlflow_store, tiny_config,
+                                                           monkeypatch):
+    import mlflow
+
+    from benchmark.pipeline import run_cell
+
+    # A generator that makes one image over and over.
+    monkeypatch.setattr(generative.ConditionalGAN, "train_and_generate",
+                        lambda self, x, labels, num_classes, wanted, rng, channels:
+                        torch.zeros(len(wanted), *x.shape[1:]))
+    with pytest.raises(DivergenceError, match="mode collapse"):
+        run_cell(tiny_config(method="cgan", epochs=1), progress=False)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert "mode collapse" in run.data.tags["failure_reason"]
 
 
 def test_generation_in_chunks_keeps_counts(monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmark import tracking
+from benchmark.errors import UserError
 from benchmark.losses import CrossEntropy
 from benchmark.methods import Method, make_method
 from benchmark.pipeline import run_cell
@@ -109,3 +110,39 @@ def test_stage_timings_name_every_stage_the_run_logged(mlflow_store, tiny_config
     assert tracking.find_stage_run("training_set",
                                    mlflow.get_run(result["run_id"]).data.tags[
                                        "training_set_key"]) == result["run_id"]
+
+
+class TimedSubStage(Method):
+    """A training-set stage that spends 0.3 s, 0.25 s of them in a sub-stage it times."""
+
+    def prepare_training_set(self, cell, train):
+        import time
+
+        time.sleep(0.3)
+        cell.timings["slow_part"] = 0.25
+        return train
+
+
+def test_a_sub_stage_is_carved_out_of_the_training_set_time_and_reused_as_recorded(
+        mlflow_store, tiny_config, monkeypatch):
+    monkeypatch.setitem(METHODS._entries, "timed", (TimedSubStage, "times a sub-stage"))
+    first_id = run_cell(tiny_config(method="timed", epochs=1), progress=False)["run_id"]
+    first = mlflow.get_run(first_id).data.metrics
+    assert first["time/slow_part_s"] == 0.25
+    assert 0.0 <= first["time/training_set_s"] < 0.25  # the rest of the 0.3 s, counted once
+    again = mlflow.get_run(run_cell(tiny_config(method="timed", epochs=1, seed=1),
+                                    progress=False)["run_id"]).data
+    assert again.tags["training_set_run_id"] == first_id  # reused, with its recorded times
+    assert again.metrics["time/slow_part_s"] == 0.25
+    assert again.metrics["time/training_set_s"] == first["time/training_set_s"]
+
+
+def test_a_user_mistake_met_inside_the_run_leaves_no_run(mlflow_store, tiny_config, monkeypatch):
+    class Refusing(Method):
+        def prepare_training_set(self, cell, train):
+            raise UserError("method 'refusing' cannot over-sample this training set")
+
+    monkeypatch.setitem(METHODS._entries, "refusing", (Refusing, "refuses"))
+    with pytest.raises(UserError, match="cannot over-sample"):
+        run_cell(tiny_config(method="refusing"), progress=False)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

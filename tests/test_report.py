@@ -838,3 +838,69 @@ def test_analysis_figures_join_the_report_when_asked(store, tmp_path, monkeypatc
                                if n.endswith(".png")} <= names
     assert any(n.startswith("weight-norms") for n in
                (tmp_path / "report.md").read_text().replace("(", " ").split())
+
+
+TABLE3_GROUPS = {"GAN over-sampling": ("cgan", "gamo"), "embedding space": ("eos",)}
+
+
+def table3_runs() -> pd.DataFrame:
+    """Two datasets x cgan, gamo, eos x seeds 0 and 1: the GANs log a generator stage (and
+    the training set's remainder), eos a phase 3; cgan is the best on cifar10, eos on svhn."""
+    best = {("cifar10", "cgan"), ("svhn", "eos")}
+    cells = []
+    for dataset in ("cifar10", "svhn"):
+        for method in ("cgan", "gamo", "eos"):
+            for seed in (0, 1):
+                times = {"time/phase1_s": 100.0, "time/phase2_s": 10.0}
+                times.update({"time/generator_s": 60.0 + 20 * seed, "time/training_set_s": 1.0}
+                             if method != "eos" else {"time/phase3_s": 5.0})
+                cells.append({"dataset": dataset, "method": method, "seed": seed, **times,
+                              "test/bac": 0.8 if (dataset, method) in best else 0.6,
+                              "test/gm_macro": 0.7, "test/f1_macro": 0.6})
+    return synthetic_runs(cells)
+
+
+def test_table3_layout_puts_runtimes_beside_the_scores(tmp_path):
+    built = report.Report.build(table3_runs(), ["synthetic"], "macro",
+                                report.PAPER_LAYOUTS["table3"], "table3", "eos",
+                                ("cgan", "gamo", "eos"), TABLE3_GROUPS)
+    (table,) = built.score_tables()
+    frame = report.text_frame(table, report.MARKDOWN)
+    assert list(frame.index) == [(d, g, m) for d in ("cifar10", "svhn") for g, m in (
+        ("GAN over-sampling", "cgan"), ("GAN over-sampling", "gamo"), ("embedding space", "eos"))]
+    assert list(frame.columns) == ["BAC", "GM", "FM", "Generator (s)", "Total (s)", "vs eos"]
+    # The generator's seconds once: the total adds the training set's remainder to them.
+    gan_total, eos_total = 70 + 1 + 110, 115
+    row = frame.loc[("cifar10", "GAN over-sampling", "cgan")]
+    assert (row["Generator (s)"], row["Total (s)"]) == ("70.00", f"{gan_total:.2f}")
+    assert row["vs eos"] == f"{gan_total / eos_total:.2f}"
+    eos = frame.loc[("svhn", "embedding space", "eos")]
+    assert (eos["Generator (s)"], eos["Total (s)"], eos["vs eos"]) == ("-", "115.00", "1.00")
+    # The best per dataset, not over the whole column.
+    assert row["BAC"].startswith("**80.0**") and eos["BAC"].startswith("**80.0**")
+    assert not frame.loc[("svhn", "GAN over-sampling", "cgan"), "BAC"].startswith("**")
+    caption = table.caption_text(report.MARKDOWN)
+    assert "Best mean per dataset and column in bold" in caption
+    assert "Generator (s): mean seconds of the stage generator" in caption
+    assert "vs eos: that total divided by eos's for the same dataset and loss." in caption
+    assert table.title == "Table III: generative over-samplers vs EOS: loss ce"
+    report.write_report(built, tmp_path, ("latex",))
+    tex = (tmp_path / "table3.tex").read_text()
+    assert tex.count(r"\begin{table}") == 1  # six value columns fit a page
+    assert "Dataset & Group & Method & BAC & GM & FM & Generator (s) & Total (s) & vs eos" in tex
+    # The runtime table per dataset has the generator's own column beside the training set's.
+    runtime = report.text_frame(built.runtime_tables()[0], report.MARKDOWN)
+    assert list(runtime.columns[:3]) == ["Generator", "Training set", "Phase 1"]
+    assert runtime.loc[("ce", "cgan"), "Total"] == f"{gan_total:.2f}"
+
+
+def test_a_smaller_version_of_a_paper_table_gets_its_layout():
+    from pathlib import Path
+
+    assert report.layout_of("table3-smoke").name == "table3"
+    assert report.layout_of("table3").name == "table3"
+    assert report.layout_of("smoke-generative").name == "generic"
+    spec = Path(__file__).parent.parent / "studies" / "smoke-generative.yaml"
+    scope = report.scope_of(SimpleNamespace(experiments=None, reference=None, grid=str(spec)))
+    assert scope.layout.name == "table3" and scope.reference == "eos"
+    assert scope.groups["GAN over-sampling"] == ("cgan", "bagan", "gamo")
