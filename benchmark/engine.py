@@ -142,8 +142,11 @@ class RayCluster:
                          configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as err:
             where = f"at {address}" if address else "here"
+            hint = ("; a cluster with token authentication (ray start's default) also needs "
+                    "RAY_AUTH_MODE=token and its token here (~/.ray/auth_token)"
+                    if address and os.environ.get("RAY_AUTH_MODE") != "token" else "")
             raise UserError(f"could not start or reach a Ray cluster {where}: "
-                            f"{str(err).splitlines()[0]}") from None
+                            f"{str(err).splitlines()[0]}{hint}") from None
         cluster = ray.cluster_resources()
         if resources.gpus is None:  # a quarter of a GPU: four trainings share one
             resources = dataclasses.replace(resources, gpus=0.25 if cluster.get("GPU") else 0.0)
