@@ -504,3 +504,17 @@ def test_only_trials_whose_process_is_gone_are_failed(tmp_path):
         alive.release()
     assert [t.state.name for t in study.get_trials()] == ["RUNNING", "FAIL", "FAIL"]
     assert not (locks.folder / "worker-killed.lock").exists()
+
+
+def test_a_grid_claims_the_stages_a_cell_would_train_and_the_phase1s_its_method_uses(
+        mlflow_store, tiny_config):
+    cache = studies._StageCache()
+    gan = tiny_config(method="cgan").resolved()
+    plain = tiny_config(method="none").resolved()
+    needs = studies._stages_to_train(gan, cache)
+    assert needs == [("phase1", gan.phase1_key()),
+                     ("training_set", gan.training_set_key()),
+                     ("phase1", plain.phase1_key())]  # its Frechet figure's none model
+    quiet = tiny_config(method="cgan", method_params={"frechet": False}).resolved()
+    assert ("phase1", plain.phase1_key()) not in studies._stages_to_train(quiet, cache)
+    assert studies._stages_to_train(plain, cache) == [("phase1", plain.phase1_key())]
