@@ -21,6 +21,9 @@ from benchmark.train import Schedule
 # stage cache stops handing out extractors trained by the older code.
 # 2: balanced validation set drawn from the unused pool; the data's identity in the key.
 PHASE1_CODE_VERSION = "2"
+# The same for what follows a method's training-set stage (only such methods' keys change).
+# 2: the stage's random draws no longer shift the random state phase 1 starts from.
+TRAINING_SET_CODE_VERSION = "2"
 
 DEVICES = ("auto", "cpu", "cuda")
 HEAD_RECIPES = ("continue", "reference")
@@ -139,7 +142,7 @@ class RunConfig:
 
     def training_set_identity(self) -> dict:
         """Everything that determines the images phase 1 trains on (of a resolved config)."""
-        return {
+        identity = {
             "dataset": self.dataset, "data": self.data_identity(), "image_size": self.image_size,
             "profile": self.profile, "ratio": self.ratio, "subset_seed": self.subset_seed,
             "validation": self.validation, "val_per_class": self.val_per_class,
@@ -147,6 +150,9 @@ class RunConfig:
             "method": self.method_instance().stage_identity("training_set"),
             "code": f"{__version__}/{PHASE1_CODE_VERSION}",
         }
+        if identity["method"]:
+            identity["stage_code"] = TRAINING_SET_CODE_VERSION
+        return identity
 
     def training_set_key(self) -> str | None:
         """Key of the method's training-set stage; ``None`` when the method has none."""
