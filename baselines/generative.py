@@ -446,14 +446,10 @@ class ConditionalGAN(GenerativeOverSampler):
                                                             device=device)) + \
                     F.binary_cross_entropy_with_logits(disc(fake.detach(), y_fake),
                                                        torch.zeros(n, 1, device=device))
-                opt_d.zero_grad()
-                d_loss.backward()
-                opt_d.step()
+                descend(d_loss, opt_d)
                 g_loss = F.binary_cross_entropy_with_logits(disc(fake, y_fake),
                                                             torch.ones(n, 1, device=device))
-                opt_g.zero_grad()
-                g_loss.backward()
-                opt_g.step()
+                descend(g_loss, opt_g)
                 totals["d_loss"] += d_loss.item()
                 totals["g_loss"] += g_loss.item()
                 steps += 1
@@ -463,6 +459,15 @@ class ConditionalGAN(GenerativeOverSampler):
         with torch.no_grad():
             z = torch.randn(len(wanted), p["latent"], generator=rng).to(device)
             return in_chunks(gen, z, wanted) if len(wanted) else x[:0]
+
+
+def descend(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+    """One gradient step of ``optimizers`` on ``loss``."""
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
 
 
 def train_autoencoder(method: GenerativeOverSampler, x, rng, channels, epochs: int,
@@ -477,9 +482,7 @@ def train_autoencoder(method: GenerativeOverSampler, x, rng, channels, epochs: i
         total, steps = 0.0, 0
         for index in batches(len(x), p["batch_size"], rng):
             loss = F.mse_loss(decoder(encoder(x[index])), x[index])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            descend(loss, opt)
             total += loss.item()
             steps += 1
         method.record(epoch, {f"{prefix}_loss": total / steps})
@@ -600,13 +603,9 @@ class BalancingGAN(GenerativeOverSampler):
                 fake = gen(z)
                 d_loss = F.cross_entropy(disc(x[index]), labels[index]) + F.cross_entropy(
                     disc(fake.detach()), torch.full((n,), fake_class, device=device))
-                opt_d.zero_grad()
-                d_loss.backward()
-                opt_d.step()
+                descend(d_loss, opt_d)
                 g_loss = F.cross_entropy(disc(fake), y_fake)
-                opt_g.zero_grad()
-                g_loss.backward()
-                opt_g.step()
+                descend(g_loss, opt_g)
                 totals["d_loss"] += d_loss.item()
                 totals["g_loss"] += g_loss.item()
                 steps += 1
@@ -687,20 +686,14 @@ class GenerativeAdversarialMinorityOversampling(GenerativeOverSampler):
                     F.binary_cross_entropy_with_logits(disc(fake.detach(), y_fake), zeros)
                 m_loss = F.cross_entropy(classifier(torch.cat([real, fake.detach()])),
                                          torch.cat([y, y_fake]))
-                opt_d.zero_grad()
-                opt_m.zero_grad()
-                (d_loss + m_loss).backward()
-                opt_d.step()
-                opt_m.step()
+                descend(d_loss + m_loss, opt_d, opt_m)
                 p_intended = torch.softmax(classifier(fake), 1).gather(1, y_fake[:, None])
                 g_loss = F.binary_cross_entropy_with_logits(disc(fake, y_fake), ones) - \
                     torch.log1p(-p_intended.clamp(max=1 - 1e-6)).mean()
                 if p["diversity"]:  # mode seeking: images as far apart as their latents
                     spread = (fake - twin).abs().mean() / (z[0] - z[1]).abs().mean()
                     g_loss = g_loss + p["diversity"] / (spread + 1e-5)
-                opt_g.zero_grad()
-                g_loss.backward()
-                opt_g.step()
+                descend(g_loss, opt_g)
                 for name, value in (("d_loss", d_loss), ("m_loss", m_loss), ("g_loss", g_loss)):
                     totals[name] += value.item()
                 steps += 1

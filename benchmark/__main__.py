@@ -278,25 +278,17 @@ def command_clean(args: argparse.Namespace) -> int:
 STORE_COMMANDS = ("run", "grid", "tune", "clean")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
+def _checked_float(check):
+    """An argparse type: a number that ``check`` (raising ``UserError``) accepts."""
+    def parse(text: str) -> float:
+        try:
+            return check(float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        except UserError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1 and not (value > 1 and value.is_integer()):
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or a whole number of "
-                                         f"GPUs, got {text!r}")
-    return value
+    return parse
 
 
 def add_engine_options(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -308,9 +300,11 @@ def add_engine_options(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument("--address", type=_optional_text, default=None,
                         help="a running Ray cluster's address (ray start --head prints it), "
                              "e.g. 10.0.0.5:6379")
-    parser.add_argument("--cpus-per-task", type=_positive_float, default=None,
+    from benchmark.engine import check_cpus, check_gpus
+
+    parser.add_argument("--cpus-per-task", type=_checked_float(check_cpus), default=None,
                         help=f"CPU threads each {unit} holds on Ray; default 1")
-    parser.add_argument("--gpus-per-task", type=_fraction, default=None,
+    parser.add_argument("--gpus-per-task", type=_checked_float(check_gpus), default=None,
                         help=f"GPUs (a fraction shares one) each {unit} holds on Ray; default: "
                              f"the local GPUs shared by the --jobs {unit}s, on a cluster with "
                              f"GPUs 0.25")

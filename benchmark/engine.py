@@ -3,6 +3,7 @@ tasks of a Ray cluster (started here for ``--jobs N``, or a running one at ``--a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -10,6 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmark.errors import UserError
+
+
+def check_cpus(value: float) -> float:
+    """CPU threads a task holds: a finite number above 0."""
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"expected a number above 0, got {value!r}")
+    return value
+
+
+def check_gpus(value: float) -> float:
+    """GPUs a task holds: a fraction of one, or a whole number of them (Ray's rule)."""
+    if not (0 <= value <= 1 or (value > 1 and math.isfinite(value) and value.is_integer())):
+        raise UserError(f"expected a fraction in [0, 1] or a whole number of GPUs, got "
+                        f"{value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -21,12 +37,15 @@ class Resources:
     gpus: float | None = 0.0
 
     def check(self) -> None:
-        if not self.cpus > 0:
-            raise UserError(f"--cpus-per-cell must be above 0, got {self.cpus}")
-        if self.gpus is not None and not 0 <= self.gpus <= 1 and \
-                not (self.gpus > 1 and float(self.gpus).is_integer()):
-            raise UserError(f"--gpus-per-cell must be a fraction in [0, 1] or a whole number of "
-                            f"GPUs, got {self.gpus}")
+        try:
+            check_cpus(self.cpus)
+        except UserError as err:
+            raise UserError(f"--cpus-per-task: {err}") from None
+        try:
+            if self.gpus is not None:
+                check_gpus(self.gpus)
+        except UserError as err:
+            raise UserError(f"--gpus-per-task: {err}") from None
 
 
 # The drivers this process watches already (a Ray worker runs many tasks of one driver).

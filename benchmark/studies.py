@@ -322,10 +322,14 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
               "ran": 0, "failed": 0, "phase1_trained": 0, "failures": [],
               "elsewhere": 0, "experiment": experiment, "parent_run_id": None}
     stopped_at_first_cell = False
-    ledger = Ledger.open()
-    ledger.register()
-    engine = None
+    # The engine first: a cluster that cannot be reached, or lacks the GPUs asked for, is told
+    # before any run exists.
+    engine = engines.make_engine(jobs, address, resources,
+                                 {"MLFLOW_TRACKING_URI": _absolute_uri()}) if todo else None
+    ledger = None
     try:
+        ledger = Ledger.open()
+        ledger.register()
         parents = _grid_parent(ledger, grid, experiment)
         with tracking.TrackedRun(grid.experiment, grid.name,
                                  {TAG_GRID_ROLE: "parent", TAG_GRID: grid.name,
@@ -339,9 +343,6 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
                                   for o in outcomes.values()]), CELLS_ARTIFACT)
             log_grid_progress(parent, counts)
             try:
-                if todo:
-                    engine = engines.make_engine(jobs, address, resources,
-                                                 {"MLFLOW_TRACKING_URI": _absolute_uri()})
                 _run_cells(grid, todo, outcomes, counts, parent, progress, engine, resources,
                            ledger)
             except UserError:
@@ -366,8 +367,9 @@ def run_grid(path: str | Path, overrides: dict | None = None, progress: bool = T
     finally:
         if engine is not None:
             engine.close()
-        with contextlib.suppress(Exception):  # ending matters more than saying so
-            ledger.close()
+        if ledger is not None:
+            with contextlib.suppress(Exception):  # ending matters more than saying so
+                ledger.close()
     return counts
 
 
@@ -486,7 +488,7 @@ def _run_cells(grid: Grid, todo: list[RunConfig], outcomes: dict[str, CellOutcom
                dynamic_ncols=True)
     say = tqdm.write if progress else print
     tags_of = {TAG_GRID: grid.name, TAG_GRID_ROLE: "cell", "mlflow.parentRunId": parent.run_id}
-    if progress:
+    if progress and todo:
         tqdm.write(f"grid {grid.name}: {len(todo)} of {counts['cells']} cells to run, on "
                    f"{engine.name}" + (f", up to {engine.slots} at once" if engine.slots > 1
                                        else ""))
@@ -1219,7 +1221,7 @@ def _run_study_on_ray(path, storage, trials, progress, jobs, address, cpus, gpus
     elif storage_url is None:
         storage_url = str(Path(DEFAULT_JOURNAL).absolute())
     resources = engines.default_resources(jobs, address, cpus, gpus)
-    engine = engines.make_engine(jobs or 2, address, resources,
+    engine = engines.make_engine(jobs, address, resources,
                                  {"MLFLOW_TRACKING_URI": _absolute_uri()})
     try:
         tasks = min(engine.slots, target)

@@ -518,3 +518,13 @@ def test_a_grid_claims_the_stages_a_cell_would_train_and_the_phase1s_its_method_
     quiet = tiny_config(method="cgan", method_params={"frechet": False}).resolved()
     assert ("phase1", plain.phase1_key()) not in studies._stages_to_train(quiet, cache)
     assert studies._stages_to_train(plain, cache) == [("phase1", plain.phase1_key())]
+
+
+def test_a_finished_grid_run_again_with_progress_runs_nothing_and_says_so(
+        mlflow_store, tmp_path, monkeypatch, capsys):
+    spec = write(tmp_path, "grid.yaml", "datasets: [digits]\nmethods: [none, smote]\n")
+    monkeypatch.setattr(pipeline, "run_cell", fake_run_cell)
+    assert studies.run_grid(spec, progress=True)["ran"] == 2
+    again = studies.run_grid(spec, progress=True)
+    assert again["ran"] == 0 and again["already_finished"] == 2
+    assert capsys.readouterr().out.count("2 of 2 cells to run") == 1  # the first pass only
