@@ -382,7 +382,7 @@ class GenerativeOverSampler(Method):
         from benchmark.pipeline import embed, phase1_extractor, phase1_of
 
         (plain,) = self.phase1s_used(cell.cfg)
-        phase1 = phase1_of(plain, progress=cell.progress,
+        phase1 = phase1_of(plain, cell, progress=cell.progress,
                            evaluate_test="metrics" in results,  # a tuning trial's stays blind
                            tags={"made_for_run": cell.run.run_id})
         extractor = phase1_extractor(cell, phase1)

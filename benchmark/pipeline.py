@@ -697,17 +697,20 @@ def reused_training_set_timings(summary: dict) -> dict[str, float]:
         if "time_training_set_s" in summary else {}
 
 
-def phase1_of(cfg: RunConfig, *, progress: bool = False, evaluate_test: bool = True,
-              tags: dict[str, str] | None = None) -> Phase1:
-    """The phase 1 of the cell ``cfg`` (a method's hook asking for another cell's model: the
-    ``none`` model of its own cell, say): from the stage cache, else trained by running that
-    cell (its own run, nested in the active one), so that a later run of it reuses this one."""
+def phase1_of(cfg: RunConfig, cell: Cell, *, progress: bool = False,
+              evaluate_test: bool = True, tags: dict[str, str] | None = None) -> Phase1:
+    """The phase 1 of the cell ``cfg``, which reads the same data as ``cell`` (a method's hook
+    asking for another cell's model: the ``none`` model of its own cell, say): from the stage
+    cache, else trained by running that cell (its own run, nested in the active one), so that
+    a later run of it reuses this one; checked against ``cell``'s data either way."""
     cfg = cfg.resolved()
     run_id = tracking.find_phase1_run(cfg.phase1_key())
     if run_id is None:
         run_id = run_cell(cfg, progress=progress, evaluate_test=evaluate_test,
                           tags=tags)["phase1_run_id"]
-    return load_phase1(run_id)
+    phase1 = load_phase1(run_id)
+    check_phase1(phase1, cell)
+    return phase1
 
 
 def phase1_extractor(cell: Cell, phase1: Phase1,
